@@ -1,0 +1,31 @@
+r"""ImageNet 256x256 with TVM: DiT-XL/2-18h, constant CFG w = 2 (the paper's 1-NFE recipe).
+
+Reproduces the official ``im256_w2`` configuration of Terminal Velocity Matching
+(Zhou, Parger, Haque, Song; arXiv 2511.19797): DiT-XL/2-18h on Stable-Diffusion VAE (sd-vae-ft-ema)
+latents of 32x32x4, gap* time sampler (s ~ LN(-0.4, 1), gap ~ LN(-0.8, 1)), constant w = 2 with the
+scaled parameterisation, 10% label dropout, time_specinit, AdamW (lr 1e-4, b1 0.9, b2 0.95,
+eps 1e-8, no weight decay, no schedule), global batch 2048, bf16 compute with fp32 parameters,
+evaluation EMA 0.9999, EMA target 0.99, no gradient clipping.
+
+Expected result (paper): FID 3.29 at 1 NFE on ImageNet 256x256 (50k samples, w = 2).
+
+Command (latents prepared with ``python -m tvm_jax.data.prepare_imagenet``):
+  python -m tvm_jax.main --config=configs/in256_w2.py \
+      --config.data.path=/data/imagenet256_latents --workdir=runs/in256_w2
+"""
+from tvm_jax.config import RAW_MEAN_256, RAW_STD_256, base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.size = "XL/2-18h"
+    c.model.time_specinit = True
+    c.objective.w = 2.0
+    c.objective.scaled_param = True
+    c.optimizer.max_grad_norm = None
+    c.data.resolution = 256
+    c.data.shape = (32, 32, 4)
+    c.data.raw_mean = RAW_MEAN_256
+    c.data.raw_std = RAW_STD_256
+    c.sample.w = 2.0
+    return c

@@ -1,0 +1,193 @@
+"""The Lipschitz DiT: sizes, parameter counts, init, embeddings, switches, forward/JVP/grad."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tvm_jax.dit import (
+    MODEL_SIZES, Buffer, DiT, DiTConfig, abstract_dit, count_params, frequency_features, rms_norm,
+    sincos_table_2d, unpatchify,
+)
+from tvm_jax.networks import build_dit
+
+TINY = dict(input_size=8, in_channels=3, hidden_size=64, depth=2, num_heads=4, num_classes=10, dtype="float32")
+
+
+def _expected_count(hidden, depth, heads, latent=32, channels=4, patch=2, classes=1000, qk_norm=True):
+    """Parameter count of the official model, written out from DESIGN section 4."""
+    lin = lambda i, o: i * o + o  # noqa: E731
+    block = lin(hidden, 3 * hidden) + lin(hidden, hidden) + lin(hidden, 4 * hidden) + lin(4 * hidden, hidden)
+    block += lin(hidden, 6 * hidden) + (2 * hidden // heads if qk_norm else 0)
+    embedders = 3 * (lin(256, hidden) + lin(hidden, hidden))
+    table = (classes + 1) * hidden
+    patch_embed = channels * patch * patch * hidden + hidden
+    final = lin(hidden, 2 * hidden) + lin(hidden, patch * patch * channels)
+    return depth * block + embedders + table + patch_embed + final
+
+
+def test_xl2_18h_has_the_official_parameter_count():
+    model = abstract_dit(DiTConfig.create("XL/2-18h", input_size=32, in_channels=4))
+    assert count_params(model) == 678_068_496
+    table = nnx.state(model, Buffer)
+    assert [x.shape for x in jax.tree.leaves(table)] == [(256, 1152)]
+
+
+@pytest.mark.parametrize("size", sorted(MODEL_SIZES))
+def test_every_size_matches_the_formula(size):
+    hidden, depth, heads = MODEL_SIZES[size]
+    model = abstract_dit(DiTConfig.create(size, input_size=32, in_channels=4))
+    assert count_params(model) == _expected_count(hidden, depth, heads)
+    assert model.config.head_dim == hidden // heads
+
+
+def test_naive_dit_drops_qk_norm_weights_and_uses_layernorm():
+    cfg = DiTConfig.create("S/2", lipschitz=False, input_size=32, in_channels=4)
+    assert (cfg.mod_norm, cfg.qk_norm, cfg.norm, cfg.init) == (False, False, "layer", "xavier_uniform")
+    assert count_params(abstract_dit(cfg)) == _expected_count(384, 12, 6, qk_norm=False)
+    # each switch can be turned back on by itself
+    assert DiTConfig.create("S/2", lipschitz=False, qk_norm=True).qk_norm
+
+
+def test_position_table_layout():
+    dim, grid = 16, 4
+    table = sincos_table_2d(dim, grid)
+    assert table.shape == (grid * grid, dim)
+    w = 10000.0 ** (-np.arange(dim // 4) / (dim / 4))
+    for token in (0, 5, 11, 15):
+        row, col = divmod(token, grid)  # row-major tokens
+        expect = np.concatenate([np.sin(col * w), np.cos(col * w), np.sin(row * w), np.cos(row * w)])
+        np.testing.assert_allclose(table[token], expect, atol=1e-12)
+
+
+def test_frequency_features():
+    x = jnp.array([0.0, 0.3, 1.0])
+    feats = frequency_features(x, 256)
+    f = np.exp(-math.log(10000.0) * np.arange(128) / 128)
+    expect = np.concatenate([np.cos(np.outer(np.asarray(x), f)), np.sin(np.outer(np.asarray(x), f))], axis=1)
+    np.testing.assert_allclose(feats, expect, atol=1e-6)
+
+
+def test_unpatchify_order_is_row_column_channel():
+    b, g, p, c = 2, 3, 2, 4
+    tokens = jnp.arange(b * g * g * p * p * c, dtype=jnp.float32).reshape(b, g * g, p * p * c)
+    img = unpatchify(tokens, p, c)
+    for (i, j, di, dj, ch) in [(0, 0, 0, 0, 0), (1, 2, 1, 0, 3), (2, 1, 0, 1, 2)]:
+        assert img[1, i * p + di, j * p + dj, ch] == tokens[1, i * g + j, (di * p + dj) * c + ch]
+
+
+def _linear_kernels(model):
+    return {"/".join(map(str, path)): np.asarray(v[...]) for path, v in nnx.iter_graph(model)
+            if isinstance(v, nnx.Param) and path[-1] == "kernel"}
+
+
+def test_spectral_init_and_zero_layers():
+    cfg = DiTConfig.create(None, input_size=8, in_channels=3, hidden_size=64, depth=3, num_heads=4,
+                           num_classes=10, time_specinit=True)
+    model = DiT(cfg, rngs=nnx.Rngs(7))
+    kernels = _linear_kernels(model)
+    zero = [k for k in kernels if "adaLN" in k or k.startswith("final_layer/linear")]
+    assert len(zero) == 3  # stacked block adaLN, final adaLN, final linear
+    for name, w in kernels.items():
+        if "adaLN" in name or name.startswith("final_layer/linear"):
+            assert np.all(w == 0), name
+            continue
+        mats = w.reshape(-1, w.shape[-2], w.shape[-1]) if name.startswith("blocks") else w.reshape(1, -1, w.shape[-1])
+        for m in mats:
+            assert abs(np.linalg.norm(m, 2) - 1.0) < 1e-3, name
+    assert np.all(np.asarray(model.final_layer.linear.kernel[...]) == 0)
+    for layer in (model.final_layer.adaLN, model.final_layer.linear, model.blocks.adaLN):
+        assert np.all(np.asarray(layer.bias[...]) == 0)
+    # label table ~ N(0, 0.02); QK-norm weights start at 1
+    table = np.asarray(model.label_embedder.embedding[...])
+    assert table.shape == (11, 64) and abs(table.std() - 0.02) < 0.004
+    assert np.all(np.asarray(model.blocks.attn.q_norm.weight[...]) == 1)
+
+
+def test_embedders_without_time_specinit_are_normal_002():
+    cfg = DiTConfig.create(None, input_size=8, in_channels=3, hidden_size=128, depth=1, num_heads=4,
+                           num_classes=10, time_specinit=False)
+    model = DiT(cfg, rngs=nnx.Rngs(0))
+    for emb in (model.t_embedder, model.gap_embedder, model.beta_embedder):
+        for lin in (emb.linear1, emb.linear2):
+            w = np.asarray(lin.kernel[...])
+            assert abs(w.std() - 0.02) < 0.002 and abs(np.linalg.norm(w, 2) - 1.0) > 0.1
+
+
+def test_rms_norm_has_unit_rms():
+    x = 3.0 * jax.random.normal(jax.random.key(0), (5, 7, 96)) + 1.0
+    y = rms_norm(x)
+    np.testing.assert_allclose(np.sqrt(np.mean(np.square(np.asarray(y)), -1)), 1.0, atol=1e-4)
+
+
+def _random_params(params, key, scale=0.05):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+def test_tiny_dit_forward_jvp_and_grad():
+    apply, params = build_dit(DiTConfig.create(None, **TINY))
+    params = _random_params(params, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (3, 8, 8, 3))
+    t, s = jnp.array([0.9, 0.5, 1.0]), jnp.array([0.1, 0.5, 0.0])
+    labels, beta = jnp.array([0, 9, 10]), jnp.array([0.5, 1.0, 1.0])
+
+    out = apply(params, x, t, t - s, labels, beta)
+    assert out.shape == x.shape and out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    F, dF = jax.jvp(lambda s_: apply(params, x, t, t - s_, labels, beta, jvp=True), (s,), (jnp.ones_like(s),))
+    np.testing.assert_allclose(F, out, rtol=1e-5, atol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(dF))) and float(jnp.abs(dF).max()) > 0
+
+    def loss(p):
+        F, dF = jax.jvp(lambda s_: apply(p, x, t, t - s_, labels, beta, jvp=True), (s,), (jnp.ones_like(s),))
+        return jnp.mean(F ** 2) + jnp.mean(dF ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > len(norms) // 2
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+    apply, params = build_dit(DiTConfig.create(None, **{**TINY, "dtype": "bfloat16"}))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    apply32, _ = build_dit(DiTConfig.create(None, **TINY))
+    params = _random_params(params, jax.random.key(3))
+    x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+    out16 = apply(params, x, 0.7, 0.3, jnp.array([1, 2]), 0.5)
+    out32 = apply32(params, x, 0.7, 0.3, jnp.array([1, 2]), 0.5)
+    assert out16.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+    assert 0 < rel < 5e-2
+
+
+def test_conditioning_inputs_all_matter():
+    apply, params = build_dit(DiTConfig.create(None, **TINY))
+    params = _random_params(params, jax.random.key(5), scale=0.2)
+    x = jax.random.normal(jax.random.key(6), (1, 8, 8, 3))
+    base = apply(params, x, 0.5, 0.2, 3, 0.5)
+    for changed in (apply(params, x, 0.6, 0.2, 3, 0.5), apply(params, x, 0.5, 0.3, 3, 0.5),
+                    apply(params, x, 0.5, 0.2, 4, 0.5), apply(params, x, 0.5, 0.2, 3, 0.7)):
+        assert float(jnp.abs(changed - base).max()) > 1e-4
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    apply, params = build_dit(DiTConfig.create(None, **TINY))
+    with pytest.raises(ValueError, match=r"DiT input must be"):
+        apply(params, jnp.zeros((2, 8, 8, 4)), 0.5, 0.1, 0, 1.0)
+
+
+@pytest.mark.parametrize("field,kwargs,match", [
+    ("size", dict(size="XXL/2"), "model.size"),
+    ("input_size", dict(size="S/2", input_size=33), "model.input_size"),
+    ("num_heads", dict(size=None, hidden_size=64, depth=1, num_heads=5), "model.num_heads"),
+    ("norm", dict(size="S/2", norm="batch"), "model.norm"),
+    ("remat", dict(size="S/2", remat="everything"), "model.remat"),
+    ("depth", dict(size=None, hidden_size=64, depth=0, num_heads=4), "model.depth"),
+])
+def test_bad_model_config_names_the_field(field, kwargs, match):
+    size = kwargs.pop("size")
+    with pytest.raises(ValueError, match=match):
+        DiTConfig.create(size, **kwargs)

@@ -1,0 +1,256 @@
+"""Training objectives as pure functions: TVM, Flow Matching and MeanFlow.
+
+Every objective has the signature ``loss_fn(apply, params, target_params, x0, labels, key)``
+(bound to its config with :func:`make_objective`) and returns ``(loss, metrics)``: the batch
+mean of the per-sample losses and a dict of scalar metrics. ``apply`` is any network function
+``F(params, x, t, gap, label, beta, jvp=False)`` (see :mod:`tvm_jax.flow_map`); ``target_params``
+are the EMA-target ("proxy") weights, always used under ``stop_gradient``; the caller decides
+where they come from (pass ``params`` itself for "no EMA target").
+
+TVM, per sample (DESIGN section 3), with ``w = 1 / beta`` and ``k = w`` (scaled) or 1:
+
+* ``F_ts, dF_ds = jvp(F, s)`` at ``(x_t, t, t - s)``; ``f = x_t + (s - t) k F_ts``;
+  ``df_ds = k (F_ts + (s - t) dF_ds)``
+* teacher, one batched call of ``F(target_params)`` on ``[f, x_s']`` at times ``[s, s']``,
+  gap 0, labels ``[label, null]``, beta ``[beta, 1]`` -> ``u_f, u_uncond``; scaled: ``u_f *= w``
+* ``terminal = mean(((df_ds - u_f) beta)^2)``, zero where ``s == t``
+* ``target = w (eps - x0) + (1 - w) u_uncond``; ``F_ss = k F(x_s', s', 0, label, beta)``;
+  ``fm = mean(((F_ss - target) beta)^2)``; ``loss = terminal + fm``.
+
+Flow Matching is TVM's ``fm`` term alone (with ``w = 1`` it is plain conditional FM and needs no
+teacher call). MeanFlow regresses the average velocity ``u = k F(z_t, t, t - r)`` onto
+``sg(v - (t - r) du/dt)`` with ``du/dt`` the JVP along ``(z: v, r: 0, t: 1)``, optionally with
+MeanFlow's adaptive weighting ``sg(1 / (err + c)^p)``; under CFG ``v`` is replaced by
+``w v + (1 - w) u_uncond(z_t, t)`` from the target network.
+
+Label dropout: a fraction of samples get the null label (``num_classes``) and ``beta = 1``.
+Non-finite values are not hidden here: they reach the loss, and the training step counts them
+and skips the update.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from tvm_jax.flow_map import NetworkFn, output_scale, per_sample, terminal_velocity
+from tvm_jax.time_sampling import TimeSamplerConfig, Times, sample_times
+
+GUIDANCE_MODES = ("constant", "uniform_w", "uniform_beta")
+OBJECTIVES = ("tvm", "fm", "meanflow")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceConfig:
+    """Per-sample CFG weight during training.
+
+    ``constant``: w fixed; ``uniform_w``: w ~ U[w_min, w_max]; ``uniform_beta``: beta ~ U(0, 1).
+    ``label_dropout`` of the samples get the null label and beta = 1 (w = 1).
+    """
+
+    num_classes: int
+    mode: str = "constant"
+    w: float = 1.0
+    w_min: float = 1.0
+    w_max: float = 1.0
+    label_dropout: float = 0.1
+
+    def validate(self) -> None:
+        if self.mode not in GUIDANCE_MODES:
+            raise ValueError(f"objective.cfg_mode: unknown mode {self.mode!r}; choose one of {GUIDANCE_MODES}")
+        if self.mode == "constant" and not self.w >= 1.0:
+            raise ValueError(f"objective.w: the CFG weight must be >= 1, got {self.w}")
+        if self.mode == "uniform_w" and not 1.0 <= self.w_min <= self.w_max:
+            raise ValueError(f"objective.w_min/w_max: need 1 <= w_min <= w_max, got {self.w_min}, {self.w_max}")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"objective.label_dropout: must be in [0, 1], got {self.label_dropout}")
+        if self.num_classes < 1:
+            raise ValueError(f"objective.num_classes: must be >= 1, got {self.num_classes}")
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "tvm"
+    times: TimeSamplerConfig = TimeSamplerConfig()
+    guidance: GuidanceConfig = GuidanceConfig(num_classes=1000)
+    scaled_param: bool = True
+    detach_jvp: bool = False
+    meanflow_adaptive_p: float = 1.0
+    meanflow_adaptive_c: float = 1e-3
+
+    def validate(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"objective.name: unknown objective {self.name!r}; choose one of {OBJECTIVES}")
+        self.times.validate()
+        self.guidance.validate()
+        if self.meanflow_adaptive_p < 0:
+            raise ValueError(f"objective.meanflow_adaptive_p: must be >= 0, got {self.meanflow_adaptive_p}")
+        if not self.meanflow_adaptive_c > 0:
+            raise ValueError(f"objective.meanflow_adaptive_c: must be > 0, got {self.meanflow_adaptive_c}")
+
+
+def sample_guidance(key: jax.Array, labels: jax.Array, config: GuidanceConfig) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(labels, beta)`` after label dropout; dropped samples get the null label, beta 1."""
+    k_w, k_drop = jax.random.split(key)
+    b = labels.shape[0]
+    if config.mode == "constant":
+        beta = jnp.full((b,), 1.0 / config.w, jnp.float32)
+    elif config.mode == "uniform_w":
+        beta = 1.0 / jax.random.uniform(k_w, (b,), jnp.float32, config.w_min, config.w_max)
+    else:
+        # U(0, 1) without the endpoint 0 (w = inf).
+        beta = 1.0 - jax.random.uniform(k_w, (b,), jnp.float32)
+    if config.label_dropout > 0:
+        drop = jax.random.uniform(k_drop, (b,)) < config.label_dropout
+        labels = jnp.where(drop, config.null_label, labels)
+        beta = jnp.where(drop, 1.0, beta)
+    return labels.astype(jnp.int32), beta
+
+
+def _sample_mean(a: jax.Array) -> jax.Array:
+    """Per-sample mean over all non-batch axes."""
+    return jnp.mean(a.reshape(a.shape[0], -1), axis=1)
+
+
+@dataclasses.dataclass
+class _Draw:
+    times: Times
+    eps: jax.Array
+    labels: jax.Array
+    beta: jax.Array
+
+
+def _draw(key, x0, labels, config: ObjectiveConfig) -> _Draw:
+    k_time, k_noise, k_guid = jax.random.split(key, 3)
+    times = sample_times(k_time, x0.shape[0], config.times)
+    eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    labels, beta = sample_guidance(k_guid, labels, config.guidance)
+    return _Draw(times, eps, labels, beta)
+
+
+def _interpolate(x0, eps, t):
+    t = per_sample(t, x0)
+    return (1.0 - t) * x0 + t * eps
+
+
+def tvm_terms(apply: NetworkFn, params, target_params, x0, labels, key, config: ObjectiveConfig) -> dict[str, jax.Array]:
+    """All intermediate quantities of the TVM objective (the loss is built from these)."""
+    x0 = x0.astype(jnp.float32)
+    d = _draw(key, x0, labels, config)
+    t, s, s_fm = d.times
+    beta, labels = d.beta, d.labels
+    w = 1.0 / beta
+    x_t = _interpolate(x0, d.eps, t)
+    x_fm = _interpolate(x0, d.eps, s_fm)
+
+    f, df_ds, _ = terminal_velocity(apply, params, x_t, t, s, labels, beta,
+                                    scaled=config.scaled_param, detach_jvp=config.detach_jvp)
+
+    null = jnp.full_like(labels, config.guidance.null_label)
+    teacher = apply(
+        target_params,
+        jnp.concatenate([jax.lax.stop_gradient(f), x_fm]),
+        jnp.concatenate([s, s_fm]),
+        jnp.zeros((2 * x0.shape[0],), jnp.float32),
+        jnp.concatenate([labels, null]),
+        jnp.concatenate([beta, jnp.ones_like(beta)]),
+    )
+    u_f, u_uncond = jnp.split(jax.lax.stop_gradient(teacher), 2)
+    if config.scaled_param:
+        u_f = per_sample(w, u_f) * u_f
+
+    b = per_sample(beta, x0)
+    terminal = _sample_mean(jnp.square((df_ds - u_f) * b))
+    equal = jnp.isclose(s, t, rtol=1e-5, atol=1e-8)
+    terminal = jnp.where(equal, 0.0, terminal)
+
+    fm = _fm_term(apply, params, x0, d, x_fm, u_uncond, config)
+    return dict(t=t, s=s, s_fm=s_fm, eps=d.eps, labels=labels, beta=beta, x_t=x_t, x_fm=x_fm, f=f,
+                df_ds=df_ds, u_f=u_f, u_uncond=u_uncond, terminal=terminal, equal=equal, **fm)
+
+
+def _fm_term(apply, params, x0, d: _Draw, x_fm, u_uncond, config: ObjectiveConfig) -> dict[str, jax.Array]:
+    s_fm, beta = d.times.s_fm, d.beta
+    w = per_sample(1.0 / beta, x0)
+    v = d.eps - x0
+    target = v if u_uncond is None else w * v + (1.0 - w) * u_uncond
+    k = per_sample(output_scale(beta, config.scaled_param), x0)
+    F_ss = k * apply(params, x_fm, s_fm, jnp.zeros_like(s_fm), d.labels, beta)
+    fm = _sample_mean(jnp.square((F_ss - target) * per_sample(beta, x0)))
+    return dict(target=target, F_ss=F_ss, fm=fm)
+
+
+def tvm_loss(apply: NetworkFn, params, target_params, x0, labels, key, config: ObjectiveConfig):
+    terms = tvm_terms(apply, params, target_params, x0, labels, key, config)
+    per_sample_loss = terms["terminal"] + terms["fm"]
+    metrics = {
+        "loss": jnp.mean(per_sample_loss),
+        "terminal": jnp.mean(terms["terminal"]),
+        "fm": jnp.mean(terms["fm"]),
+        "frac_t_eq_s": jnp.mean(terms["equal"].astype(jnp.float32)),
+        "mean_gap": jnp.mean(terms["t"] - terms["s"]),
+    }
+    return metrics["loss"], metrics
+
+
+def fm_loss(apply: NetworkFn, params, target_params, x0, labels, key, config: ObjectiveConfig):
+    """Flow matching with TVM's draws (same key -> same s', noise, labels and beta as TVM's fm
+    term). With a constant w = 1 and no label-dependent teacher the target is plain ``eps - x0``."""
+    x0 = x0.astype(jnp.float32)
+    d = _draw(key, x0, labels, config)
+    x_fm = _interpolate(x0, d.eps, d.times.s_fm)
+    needs_teacher = not (config.guidance.mode == "constant" and config.guidance.w == 1.0)
+    u_uncond = None
+    if needs_teacher:
+        null = jnp.full_like(d.labels, config.guidance.null_label)
+        u_uncond = jax.lax.stop_gradient(apply(target_params, x_fm, d.times.s_fm, jnp.zeros_like(d.times.s_fm),
+                                               null, jnp.ones_like(d.beta)))
+    fm = _fm_term(apply, params, x0, d, x_fm, u_uncond, config)["fm"]
+    metrics = {"loss": jnp.mean(fm), "fm": jnp.mean(fm)}
+    return metrics["loss"], metrics
+
+
+def meanflow_loss(apply: NetworkFn, params, target_params, x0, labels, key, config: ObjectiveConfig):
+    """MeanFlow's average-velocity objective. Times: ``config.times`` gives ``(t, s=r)`` (use the
+    ``clamp`` sampler with ``p_equal=0.75`` for MeanFlow's own recipe)."""
+    x0 = x0.astype(jnp.float32)
+    d = _draw(key, x0, labels, config)
+    t, r = d.times.t, d.times.s
+    beta, lab = d.beta, d.labels
+    z = _interpolate(x0, d.eps, t)
+    v = d.eps - x0
+    w = per_sample(1.0 / beta, x0)
+    null = jnp.full_like(lab, config.guidance.null_label)
+    u_uncond = jax.lax.stop_gradient(apply(target_params, z, t, jnp.zeros_like(t), null, jnp.ones_like(beta)))
+    v_guided = w * v + (1.0 - w) * u_uncond
+    k = per_sample(output_scale(beta, config.scaled_param), x0)
+
+    def u_fn(z_, t_, r_):
+        return k * apply(params, z_, t_, t_ - r_, lab, beta, jvp=True)
+
+    u, du_dt = jax.jvp(u_fn, (z, t, r), (v_guided, jnp.ones_like(t), jnp.zeros_like(r)))
+    u_target = jax.lax.stop_gradient(v_guided - per_sample(t - r, x0) * du_dt)
+    err = _sample_mean(jnp.square(u - u_target))
+    if config.meanflow_adaptive_p > 0:
+        weight = jax.lax.stop_gradient(1.0 / (err + config.meanflow_adaptive_c) ** config.meanflow_adaptive_p)
+        per_sample_loss = weight * err
+    else:
+        per_sample_loss = err
+    metrics = {"loss": jnp.mean(per_sample_loss), "mse": jnp.mean(err)}
+    return metrics["loss"], metrics
+
+
+_LOSSES: dict[str, Callable] = {"tvm": tvm_loss, "fm": fm_loss, "meanflow": meanflow_loss}
+
+
+def make_objective(config: ObjectiveConfig) -> Callable[..., tuple[jax.Array, dict[str, Any]]]:
+    """``loss_fn(apply, params, target_params, x0, labels, key) -> (loss, metrics)``."""
+    config.validate()
+    return functools.partial(_LOSSES[config.name], config=config)
