@@ -1,0 +1,165 @@
+"""Sampling from a trained or converted model: ``python -m tvm_jax.main --mode=sample``.
+
+Weights come from either an exported model directory (``--checkpoint=DIR`` holding
+``model_config.json``: written by ``tvm_jax.convert`` or ``--mode=export``) or the latest
+checkpoint of a training workdir (``--workdir``, with the run's ``--config``; the evaluation EMA
+by default). For each requested step count the samples are written as a PNG grid and, with
+their labels, to an ``.npz``. Latent models are decoded to pixels through the Stable Diffusion
+VAE when ``data.vae_path`` points at a diffusers folder; without it the ``.npz`` holds the latents
+and the PNG shows their first three channels, and the log says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from tvm_jax import images as image_utils
+from tvm_jax import model_io
+from tvm_jax.checkpointing import Checkpointer, abstract_like
+from tvm_jax.networks import network_fn, split_model
+from tvm_jax.sampling import make_sampler
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    apply: Any
+    params: Any
+    num_classes: int
+    sample_shape: tuple[int, ...]
+    scaled: bool
+    is_latent: bool
+    description: str
+    default_w: float | None = None
+
+
+def load_for_sampling(config, *, checkpoint: str | None, workdir: str | None, weights: str = "ema",
+                      attention_impl: str | None = None) -> LoadedModel:
+    from flax import nnx
+
+    from tvm_jax.dit import DiT, dit_buffers
+
+    if checkpoint:
+        if not model_io.is_exported_model(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not an exported tvm-jax model directory "
+                                    f"(expected {model_io.CONFIG_FILE} and {model_io.PARAMS_DIR}/ inside)")
+        cfg, meta = model_io.read_config(checkpoint)
+        cfg, params = model_io.load_model(checkpoint, attention_impl=attention_impl or cfg.attention_impl)
+        graphdef, _, _ = split_model(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
+        if "scaled_param" in meta:
+            scaled = bool(meta["scaled_param"])
+        else:
+            scaled = config.objective.scaled_param if config is not None else True
+            logging.warning("%s does not record whether it uses the scaled parameterisation; assuming %s",
+                            checkpoint, scaled)
+        return LoadedModel(network_fn(graphdef, dit_buffers(cfg)), params, cfg.num_classes,
+                           (cfg.input_size, cfg.input_size, cfg.in_channels), scaled,
+                           is_latent=cfg.in_channels == 4, description=f"exported model {checkpoint}",
+                           default_w=meta.get("w"))
+
+    if not workdir or config is None:
+        raise ValueError("sampling needs --checkpoint=DIR (an exported model) or --workdir with the run's --config")
+    from tvm_jax import trainer
+    from tvm_jax.training import init_train_state, make_optimizer
+
+    if attention_impl:
+        config.model.attention_impl = attention_impl
+    net = trainer.build_network(config)
+    optimizer = make_optimizer(config)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, config.seed), net.params)
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, config=config, async_save=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first, or pass --checkpoint")
+    state, step = ckpt.restore(abstract_like(abstract), None)
+    ckpt.close()
+    params = state.ema_params if weights == "ema" else state.params
+    return LoadedModel(net.apply, params, config.data.num_classes, net.sample_shape, config.objective.scaled_param,
+                       is_latent=config.data.source == "latents",
+                       description=f"{weights} weights of {workdir} at step {step}")
+
+
+def parse_classes(spec: str, count: int, num_classes: int, seed: int) -> np.ndarray:
+    """``"random"``, ``"null"``/``"uncond"``, or a comma list cycled to ``count``."""
+    spec = (spec or "random").strip()
+    if spec == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, count).astype(np.int32)
+    if spec in ("null", "uncond"):
+        return np.full(count, num_classes, np.int32)
+    try:
+        values = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--classes must be 'random', 'null' or a comma-separated list of ints, got {spec!r}") from None
+    bad = [v for v in values if not 0 <= v <= num_classes]
+    if not values or bad:
+        raise ValueError(f"--classes: labels must be in [0, {num_classes}] ({num_classes} = null), got {values}")
+    return np.resize(np.asarray(values, np.int32), count)
+
+
+def sample(model: LoadedModel, *, steps: Sequence[int], w: float, labels: np.ndarray, seed: int,
+           batch_size: int = 64) -> dict[int, np.ndarray]:
+    """``{steps: samples}`` for every requested step count; the same noise for all of them."""
+    noise = np.asarray(jax.random.normal(jax.random.key(seed), (len(labels), *model.sample_shape)))
+    out = {}
+    for n in steps:
+        sampler = make_sampler(model.apply, steps=int(n), w=w, null_label=model.num_classes, scaled=model.scaled)
+        chunks = [np.asarray(sampler(model.params, jnp.asarray(noise[i:i + batch_size]),
+                                     jnp.asarray(labels[i:i + batch_size])))
+                  for i in range(0, len(labels), batch_size)]
+        out[int(n)] = np.concatenate(chunks)
+    return out
+
+
+def denormalize_latents(z: np.ndarray, config) -> np.ndarray:
+    """Inverse of the data pipeline's per-channel normalisation (back to raw VAE latents)."""
+    scale = config.data.final_std / np.asarray(config.data.raw_std, np.float32)
+    bias = -np.asarray(config.data.raw_mean, np.float32) * scale
+    return (np.asarray(z) - bias) / scale
+
+
+def write_outputs(out_dir: str, samples: dict[int, np.ndarray], labels: np.ndarray, *, config, overwrite: bool,
+                  decode=None) -> list[str]:
+    """PNG grid and ``.npz`` per step count. Refuses to replace existing files unless ``overwrite``."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    targets = {n: (os.path.join(out_dir, f"samples_{n}step.png"), os.path.join(out_dir, f"samples_{n}step.npz"))
+               for n in samples}
+    existing = [p for pair in targets.values() for p in pair if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace sample outputs in {out_dir}")
+    for n, x in samples.items():
+        png, npz = targets[n]
+        arrays = {"samples": x, "labels": labels}
+        pixels = x
+        if decode is not None:
+            pixels = decode(x)
+            arrays["images"] = image_utils.to_uint8(pixels)
+        if x.ndim == 2:
+            image_utils.scatter_png(png, {f"{n}-step samples": x}, labels={f"{n}-step samples": labels})
+        else:
+            shown = pixels if (decode is not None or x.shape[-1] in (1, 3)) else image_utils.latents_to_rgb(x)
+            image_utils.save_png(png, image_utils.make_grid(image_utils.to_uint8(shown)),
+                                 scale=max(1, 128 // shown.shape[1]))
+        np.savez(npz, **arrays)
+        written += [png, npz]
+        logging.info("Wrote %s and %s", png, npz)
+    return written
+
+
+def make_decoder(config):
+    """A function latents -> images in [-1, 1] through the VAE, or None (with a log line) when
+    no VAE is configured."""
+    path = config.data.get("vae_path", "") if config is not None else ""
+    if not path:
+        logging.warning("No VAE configured (data.vae_path is empty): writing latents, not pixels; the PNG shows "
+                        "the first three latent channels. Point data.vae_path at a diffusers AutoencoderKL folder "
+                        "to decode.")
+        return None
+    from tvm_jax.vae import decode_batched, load_vae
+
+    vae = load_vae(path)
+    return lambda z: np.asarray(decode_batched(vae, denormalize_latents(z, config)))
