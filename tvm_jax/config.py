@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.source = "latents"
     d.path = ""  # ArrayRecord files (a directory or a glob) for source="latents"
     d.resolution = 256  # pixel resolution the latents came from
-    d.shape = (32, 32, 4)  # (H, W, C) of one training sample
+    d.shape = (32, 32, 4)  # (H, W, C) of one training example as the model sees it; (D,) for vectors
     d.num_classes = 1000
     d.raw_mean = RAW_MEAN_256
     d.raw_std = RAW_STD_256
@@ -134,7 +134,7 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
     h, w, ch = d.shape
     _need(h == w, "data.shape", f"the DiT takes square inputs, got {tuple(d.shape)}")
     overrides = dict(
-        input_size=int(h) * int(d.upsample) if d.source == "digits" else int(h),
+        input_size=int(h),
         in_channels=int(ch), patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, num_classes=d.num_classes,
         time_specinit=m.time_specinit, learn_guidance=m.learn_guidance, dtype=m.dtype,
         attention_impl=m.attention_impl, remat=m.remat,

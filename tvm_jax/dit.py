@@ -421,6 +421,13 @@ def count_params(model: nnx.Module) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def dit_buffers(config: DiTConfig) -> dict:
+    """The DiT's fixed (non-trainable) arrays, as ``split_model`` returns them, without building
+    the model."""
+    grid = config.input_size // config.patch_size
+    return {"pos_embed": jnp.asarray(sincos_table_2d(config.hidden_size, grid), jnp.float32)}
+
+
 def abstract_dit(config: DiTConfig) -> DiT:
     """The model's structure and shapes without allocating or initialising anything."""
     return nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))

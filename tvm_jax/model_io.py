@@ -85,9 +85,9 @@ def read_config(directory: str) -> tuple[DiTConfig, dict[str, Any]]:
     return config, meta.get("metadata", {})
 
 
-def _abstract_params(config: DiTConfig):
+def _abstract_params(config: DiTConfig) -> dict:
     _, params, _ = split_model(nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0))))
-    return nnx.to_pure_dict(params)
+    return params
 
 
 def _check_against_config(config: DiTConfig, pure) -> None:
@@ -117,20 +117,18 @@ def _flatten(tree, prefix=()):
 
 
 def load_model(directory: str, *, dtype: str | None = None, attention_impl: str | None = None):
-    """Returns ``(config, params)`` (``params`` an ``nnx.State``). ``dtype``/``attention_impl``
-    override the stored compute settings (they do not change the weights)."""
+    """Returns ``(config, params)`` (``params`` a pure dict, as :func:`tvm_jax.networks.split_model`
+    gives). ``dtype``/``attention_impl`` override the stored compute settings (not the weights)."""
     config, _ = read_config(directory)
     overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v is not None}
     if overrides:
         config = dataclasses.replace(config, **overrides)
         config.validate()
-    _, abstract, _ = split_model(nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0))))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_params(config))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
     except Exception as e:  # orbax raises several types for structure/shape mismatches
         raise ValueError(f"{directory}: the stored parameters do not match {CONFIG_FILE}: {e}") from e
     _check_against_config(config, restored)
-    nnx.replace_by_pure_dict(abstract, restored)
-    return config, abstract
+    return config, restored

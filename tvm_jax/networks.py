@@ -20,10 +20,12 @@ from flax import nnx
 from tvm_jax.dit import DiT, DiTConfig, frequency_features
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``(graphdef, params, buffers)``; ``params`` holds every ``nnx.Param``."""
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
+    """``(graphdef, params, buffers)``; ``params`` holds every ``nnx.Param``. Both states are
+    plain nested dicts of arrays (``nnx.to_pure_dict``), which optax, Orbax and the sharding
+    rules handle as ordinary pytrees; ``nnx.merge`` accepts them as they are."""
     graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, buffers
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
 
 
 def network_fn(graphdef: nnx.GraphDef, buffers: nnx.State):
@@ -49,7 +51,7 @@ def init_model(make: Callable[[nnx.Rngs], nnx.Module], seed: int = 0, out_shardi
     return graphdef, params, buffers
 
 
-def build_dit(config: DiTConfig, seed: int = 0) -> tuple[Any, nnx.State]:
+def build_dit(config: DiTConfig, seed: int = 0) -> tuple[Any, dict]:
     """Initialises a DiT; returns ``(apply, params)``."""
     graphdef, params, buffers = init_model(lambda rngs: DiT(config, rngs=rngs), seed)
     return network_fn(graphdef, buffers), params

@@ -1,0 +1,1 @@
+"""Input pipelines (grain) and dataset formats: prepared ImageNet latents and bundled sources."""

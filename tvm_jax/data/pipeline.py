@@ -1,0 +1,186 @@
+"""grain input pipelines for every data source; each yields ``{"x": (B, ...), "label": (B,)}``.
+
+Sources (``config.data.source``):
+
+* ``latents``: prepared ImageNet latents in ArrayRecord shards (:mod:`tvm_jax.data.records`).
+  Each record holds the VAE encoder's mean and std; every time a record is read a fresh latent
+  ``mean + std * N(0, 1)`` is drawn (the noise is seeded by the record's position in the
+  shuffled stream, so it differs per epoch and replays exactly after a restore), then normalised
+  per channel with ``scale = final_std / raw_std``, ``bias = -raw_mean * scale``.
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), scaled to
+  [-1, 1] and upsampled by ``data.upsample`` (nearest neighbour).
+* ``gmm``: 131072 points drawn once (seeded by ``config.seed``) from the class-conditional ring
+  mixture of :func:`tvm_jax.gmm_truth.ring_mixture` (``data.num_classes`` classes,
+  ``data.gmm_components_per_class`` components each, ``data.gmm_dim`` dimensions).
+* ``synthetic``: N(0, 1) arrays of ``data.shape`` with uniform labels (speed tests).
+
+Sharding: records are split over JAX processes (``ShardByJaxProcess``); every process draws
+``global_batch / process_count`` examples per step. Shuffling is deterministic given
+``seed``; the iterator state is checkpointable (``grain.checkpoint.CheckpointSave``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from tvm_jax.data import records
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    shape: tuple[int, ...]  # one example, after upsampling
+    num_classes: int
+    num_records: int | None  # None: endless stream
+    description: str
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ArraySource(grain.sources.RandomAccessDataSource):
+    """In-memory arrays as a random-access source."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray):
+        if len(x) != len(labels):
+            raise ValueError(f"{len(x)} examples but {len(labels)} labels")
+        self._x, self._labels = x, labels
+
+    def __len__(self) -> int:
+        return len(self._x)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"x": self._x[index], "label": np.int32(self._labels[index])}
+
+
+class _IndexSource(grain.sources.RandomAccessDataSource):
+    """Records are their own index (the generated sources draw from the per-record rng)."""
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def load_digits(upsample: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (N, 8u, 8u, 1) float32 in [-1, 1] and int labels."""
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    x = (d.images.astype(np.float32) / 16.0) * 2.0 - 1.0
+    if upsample > 1:
+        x = np.repeat(np.repeat(x, upsample, axis=1), upsample, axis=2)
+    return x[..., None], d.target.astype(np.int32)
+
+
+def gmm_mixture(config):
+    from tvm_jax.gmm_truth import ring_mixture
+
+    return ring_mixture(num_classes=config.data.num_classes,
+                        components_per_class=config.data.gmm_components_per_class, d=config.data.gmm_dim,
+                        seed=config.seed)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+class DecodeLatent(grain.transforms.RandomMap):
+    """Record bytes -> normalised latent sample ``(mean + std * N(0,1)) * scale + bias``."""
+
+    def __init__(self, raw_mean, raw_std, final_std: float, expected_shape, num_classes: int):
+        self.scale = (final_std / np.asarray(raw_std, np.float32)).astype(np.float32)
+        self.bias = (-np.asarray(raw_mean, np.float32) * self.scale).astype(np.float32)
+        self.expected_shape = tuple(expected_shape)
+        self.num_classes = num_classes
+
+    def random_map(self, element: bytes, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        rec = records.decode_record(element)
+        if rec["mean"].shape != self.expected_shape:
+            raise ValueError(f"latent record of shape {rec['mean'].shape} but data.shape is {self.expected_shape}")
+        if not 0 <= rec["label"] < self.num_classes:
+            raise ValueError(f"latent record with label {rec['label']} outside [0, {self.num_classes})")
+        z = rec["mean"] + rec["std"] * rng.standard_normal(rec["mean"].shape, dtype=np.float32)
+        return {"x": (z * self.scale + self.bias).astype(np.float32), "label": np.int32(rec["label"])}
+
+
+class SampleSynthetic(grain.transforms.RandomMap):
+    def __init__(self, shape, num_classes: int):
+        self.shape, self.num_classes = tuple(shape), num_classes
+
+    def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"x": rng.standard_normal(self.shape, dtype=np.float32),
+                "label": np.int32(rng.integers(self.num_classes))}
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+_ENDLESS = 1 << 40
+GMM_POINTS = 1 << 17
+
+
+def dataset_info(config) -> DatasetInfo:
+    """Shape and label count of the configured data, read cheaply (used by the pre-flight checks)."""
+    d = config.data
+    if d.source == "digits":
+        return DatasetInfo((8 * d.upsample, 8 * d.upsample, 1), 10, 1797, "scikit-learn digits")
+    if d.source == "gmm":
+        return DatasetInfo((d.gmm_dim,), d.num_classes, GMM_POINTS, f"{d.num_classes}-class ring mixture")
+    if d.source == "synthetic":
+        return DatasetInfo(tuple(d.shape), d.num_classes, None, "synthetic N(0, 1)")
+    if not d.path:
+        raise ValueError("data.path: no dataset given (set --config.data.path to the prepared latents)")
+    if not os.path.exists(d.path) and not any(ch in d.path for ch in "*?["):
+        raise FileNotFoundError(f"data.path: {d.path!r} does not exist")
+    files = records.shard_paths(d.path)
+    meta = records.read_metadata(d.path)
+    source = grain.sources.ArrayRecordDataSource(files)
+    if len(source) == 0:
+        raise ValueError(f"data.path: the ArrayRecord files at {d.path!r} hold no records")
+    first = records.decode_record(source[0])
+    shape = tuple(first["mean"].shape)
+    num_classes = meta["num_classes"] if meta else d.num_classes
+    if meta and tuple(meta["shape"]) != shape:
+        raise ValueError(f"{d.path}: dataset.json says shape {tuple(meta['shape'])} but records are {shape}")
+    return DatasetInfo(shape, int(num_classes), len(source), f"{len(source)} latent records in {len(files)} shards")
+
+
+def make_loader(config, *, process_batch_size: int, seed: int, worker_count: int | None = None) -> grain.DataLoader:
+    """A grain ``DataLoader`` yielding this process's share of every global batch, forever."""
+    d = config.data
+    operations: list[Any] = []
+    if d.source == "latents":
+        source = grain.sources.ArrayRecordDataSource(records.shard_paths(d.path))
+        operations.append(DecodeLatent(d.raw_mean, d.raw_std, d.final_std, tuple(d.shape), d.num_classes))
+    elif d.source == "digits":
+        source = ArraySource(*load_digits(d.upsample))
+    elif d.source == "gmm":
+        x, labels = gmm_mixture(config).sample(np.random.default_rng(config.seed), GMM_POINTS)
+        source = ArraySource(x.astype(np.float32), labels.astype(np.int32))
+    elif d.source == "synthetic":
+        source = _IndexSource(_ENDLESS)
+        operations.append(SampleSynthetic(d.shape, d.num_classes))
+    else:
+        raise ValueError(f"data.source: unknown source {d.source!r}")
+    operations.append(grain.transforms.Batch(batch_size=process_batch_size, drop_remainder=True))
+    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    # Generated sources draw from the per-record rng: shuffling their index stream adds nothing.
+    finite = d.source != "synthetic"
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=finite,
+                                          num_epochs=None, seed=seed)
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=d.worker_count if worker_count is None else worker_count)
+
+
+def process_batch_size(global_batch_size: int) -> int:
+    n = jax.process_count()
+    if global_batch_size % n:
+        raise ValueError(f"train.global_batch_size {global_batch_size} is not divisible by the {n} processes")
+    return global_batch_size // n
