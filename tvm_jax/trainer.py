@@ -83,7 +83,16 @@ def build_network(config, mesh=None, seed: int | None = None) -> Network:
         _, params, buffers = split_model(make(nnx.Rngs(seed)))
         return params, buffers
 
-    params, buffers = jax.jit(init, out_shardings=out_shardings)()
+    if out_shardings is not None and jax.default_backend() == "cpu" and mesh.devices.size > 1:
+        # XLA:CPU can deadlock when several virtual devices run the batched SVD of the spectral
+        # init at once (LAPACK's batch map waits on the thread pool the devices occupy), so on
+        # CPU meshes initialise on one device and place the result into its shardings.
+        # (Under ``jax.set_mesh`` a bare jit would still run on every device of the ambient mesh.)
+        with jax.set_mesh(shd.make_mesh(1, [mesh.devices.flat[0]])):
+            host = jax.block_until_ready(jax.jit(init)())
+        params, buffers = jax.device_put(host, out_shardings)
+    else:
+        params, buffers = jax.jit(init, out_shardings=out_shardings)()
     shape = pipeline.dataset_info(config).shape
     return Network(network_fn(graphdef, buffers), graphdef, params, buffers, config.data.num_classes, shape)
 

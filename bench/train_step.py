@@ -1,0 +1,245 @@
+"""Benchmark of one TVM training step (and of sampling) on the visible GPUs.
+
+Default: the in256_w2 recipe (DiT-XL/2-18h, bf16 compute, fp32 params, AdamW, evaluation EMA and
+EMA target, JVP attention) at ``--batch_per_device`` 32 on synthetic 32x32x4 latents, over a
+data-parallel mesh of all visible devices. For every variant it reports:
+
+* ms/step: median over ``--steps`` (>= 10) steps after compilation and 2 warm-up steps, each
+  step synchronised (``block_until_ready``); images/s = global batch / median step time;
+* compile time (lower + compile of the jitted step);
+* peak GPU memory: ``compiled.memory_analysis()`` (arguments + outputs + temporaries - aliased,
+  per device; reliable per variant) and the allocator's ``peak_bytes_in_use`` (the process-wide
+  maximum so far, so only the first variant's is its own);
+* model FLOP utilisation: FLOPs per step from the compiled step's ``cost_analysis()`` (XLA's
+  count of the whole step, all devices) divided by step time and by the chip's measured dense
+  bf16 matmul peak (``--peak_tflops``, 790 from ANCHORS.md), per device.
+
+Variants (``--variants``, comma list): ``default`` (the config as given), ``detach_jvp``,
+``naive`` (the naive DiT: no Lipschitz changes), ``xla_attention``/``pallas_attention`` (force an
+attention implementation), ``remat_dots``/``remat_block`` (rematerialisation policies),
+``fsdp`` (parameter sharding over all devices, ``mesh.fsdp = #devices``).
+``--sampling`` also times 1- and 4-step sampling of batch 256 (XL/2-18h, bf16) in ms and img/s.
+
+    python bench/train_step.py --out bench/results/train_step_h100.json
+    python bench/train_step.py --config=configs/in512.py --variants=default --batch_per_device=8
+
+Writes JSON with the GPU name, date, jax version and command line; prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tvm_jax import sharding as shd  # noqa: E402
+from tvm_jax.config import load_config_file, objective_config, validate_config  # noqa: E402
+from tvm_jax.objectives import make_objective  # noqa: E402
+from tvm_jax.trainer import build_network  # noqa: E402
+from tvm_jax.training import init_train_state, make_optimizer, make_train_step  # noqa: E402
+
+VARIANTS = ("default", "detach_jvp", "naive", "xla_attention", "pallas_attention", "remat_dots", "remat_block",
+            "fsdp")
+
+
+def variant_config(base_path: str, variant: str, batch_per_device: int, overrides: list[str]):
+    c = load_config_file(base_path)
+    c.data.source = "synthetic"
+    n = len(jax.devices())
+    c.train.global_batch_size = batch_per_device * n
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node = c
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = type(node[parts[-1]])(value) if node[parts[-1]] is not None else value
+    if variant == "detach_jvp":
+        c.objective.detach_jvp = True
+    elif variant == "naive":
+        c.model.lipschitz = False
+    elif variant == "xla_attention":
+        c.model.attention_impl = "xla"
+    elif variant == "pallas_attention":
+        c.model.attention_impl = "pallas"
+    elif variant == "remat_dots":
+        c.model.remat = "dots"
+    elif variant == "remat_block":
+        c.model.remat = "block"
+    elif variant == "fsdp":
+        c.mesh.fsdp = n
+    elif variant != "default":
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    validate_config(c)
+    return c
+
+
+def memory_mb(compiled) -> float | None:
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        return total / 2**20
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def flops_of(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def peak_in_use_mb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**20 if stats else None
+
+
+def bench_variant(config, steps: int, peak_tflops: float) -> dict:
+    mesh = shd.make_mesh(config.mesh.fsdp)
+    with jax.set_mesh(mesh):
+        net = build_network(config, mesh)
+        opt = make_optimizer(config)
+        init = lambda p: init_train_state(p, opt, config.seed)  # noqa: E731
+        state_sh = shd.state_shardings(jax.eval_shape(init, net.params), mesh)
+        state = jax.jit(init, out_shardings=state_sh, donate_argnums=(0,))(net.params)
+        del net.params
+        step_fn = make_train_step(net.apply, make_objective(objective_config(config)), opt,
+                                  ema_decay=config.ema.decay, target_decay=config.ema.target_decay)
+        batch_sh = shd.batch_sharding(mesh)
+        jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
+                         donate_argnums=(0,))
+        gb = config.train.global_batch_size
+        rng = np.random.default_rng(0)
+        batches = [shd.global_batch({"x": rng.standard_normal((gb, *config.data.shape), dtype=np.float32),
+                                     "label": rng.integers(0, config.data.num_classes, gb).astype(np.int32)}, mesh)
+                   for _ in range(3)]
+        t0 = time.perf_counter()
+        lowered = jitted.lower(state, batches[0])
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0
+        for i in range(2):
+            state, metrics = compiled(state, batches[i % 3])
+        jax.block_until_ready(metrics)
+        times = []
+        for i in range(steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batches[i % 3])
+            jax.block_until_ready(metrics)
+            times.append((time.perf_counter() - t) * 1e3)
+        m = jax.device_get(metrics)
+        ms = statistics.median(times)
+        flops = flops_of(compiled)
+        n_dev = mesh.devices.size
+        out = {
+            "ms_per_step": ms, "ms_min": min(times), "ms_max": max(times), "images_per_s": gb / ms * 1e3,
+            "global_batch": gb, "devices": n_dev, "compile_s": compile_s,
+            "compiled_memory_mb_per_device": memory_mb(compiled), "process_peak_bytes_in_use_mb": peak_in_use_mb(),
+            "flops_per_step_xla": flops,
+            "mfu_vs_measured_peak": (flops / (ms / 1e3) / (peak_tflops * 1e12) / n_dev) if flops else None,
+            "loss": float(m["loss"]), "skipped_total": int(m["skipped_total"]),
+            "attention_impl": config.model.attention_impl, "fsdp": config.mesh.fsdp,
+        }
+        del state, batches, compiled, lowered
+    gc.collect()
+    return out
+
+
+def bench_sampling(config, batch: int, steps_list=(1, 4)) -> dict:
+    from tvm_jax.sampling import make_sampler
+
+    mesh = shd.make_mesh(1)
+    out = {}
+    with jax.set_mesh(mesh):
+        net = build_network(config, mesh)
+        noise = jax.device_put(jax.random.normal(jax.random.key(0), (batch, *config.data.shape)), shd.batch_sharding(mesh))
+        labels = jax.device_put(jnp.arange(batch) % config.data.num_classes, shd.batch_sharding(mesh))
+        for n in steps_list:
+            sampler = make_sampler(net.apply, steps=n, w=config.sample.w, null_label=config.data.num_classes,
+                                   scaled=config.objective.scaled_param)
+            jax.block_until_ready(sampler(net.params, noise, labels))
+            times = []
+            for _ in range(10):
+                t = time.perf_counter()
+                jax.block_until_ready(sampler(net.params, noise, labels))
+                times.append((time.perf_counter() - t) * 1e3)
+            ms = statistics.median(times)
+            out[f"{n}step"] = {"ms_per_batch": ms, "images_per_s": batch / ms * 1e3, "batch": batch}
+        del net
+    gc.collect()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "in256.py"))
+    p.add_argument("--variants", default="default,detach_jvp,naive")
+    p.add_argument("--batch_per_device", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--peak_tflops", type=float, default=790.0)
+    p.add_argument("--sampling", action="store_true")
+    p.add_argument("--sampling_batch", type=int, default=256)
+    p.add_argument("--set", action="append", default=[], help="config override a.b=value (repeatable)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.steps < 10:
+        p.error("--steps must be >= 10")
+
+    report = {
+        "gpu": jax.devices()[0].device_kind, "num_devices": len(jax.devices()),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__, "command": " ".join(sys.argv), "config": os.path.relpath(args.config, ROOT),
+        "batch_per_device": args.batch_per_device, "flops_source": "compiled step cost_analysis() (XLA)",
+        "peak_tflops_assumed": args.peak_tflops, "variants": {},
+    }
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        try:
+            cfg = variant_config(args.config, variant, args.batch_per_device, args.set)
+            report["variants"][variant] = bench_variant(cfg, args.steps, args.peak_tflops)
+        except Exception as e:  # noqa: BLE001  (one failing variant must not lose the others)
+            report["variants"][variant] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            traceback.print_exc()
+        print(variant, json.dumps(report["variants"][variant]), flush=True)
+    if args.sampling:
+        try:
+            cfg = variant_config(args.config, "default", args.batch_per_device, args.set)
+            report["sampling"] = bench_sampling(cfg, args.sampling_batch)
+        except Exception as e:  # noqa: BLE001
+            report["sampling"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            traceback.print_exc()
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    print(f"\n{report['gpu']} x{report['num_devices']}, batch {args.batch_per_device}/device, {report['config']}")
+    print(f"{'variant':18s} {'ms/step':>9s} {'img/s':>8s} {'mem MB':>9s} {'peak MB':>9s} {'MFU':>6s} {'compile s':>9s}")
+    for name, r in report["variants"].items():
+        if "error" in r:
+            print(f"{name:18s} ERROR {r['error'][:90]}")
+            continue
+        mfu = f"{r['mfu_vs_measured_peak']:.1%}" if r["mfu_vs_measured_peak"] else "-"
+        print(f"{name:18s} {r['ms_per_step']:9.1f} {r['images_per_s']:8.1f} {r['compiled_memory_mb_per_device'] or 0:9.0f} "
+              f"{r['process_peak_bytes_in_use_mb'] or 0:9.0f} {mfu:>6s} {r['compile_s']:9.1f}")
+    for name, r in (report.get("sampling") or {}).items():
+        if isinstance(r, dict) and "ms_per_batch" in r:
+            print(f"sampling {name}: {r['ms_per_batch']:.1f} ms per batch of {r['batch']}, {r['images_per_s']:.0f} img/s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Attention kernels of tvm-jax (DESIGN section 6).
+
+``attention(q, k, v, *, scale=None, impl="auto", jvp=False, interpret=None, block_sizes=None)``
+is the one entry point the model calls (layout (batch, seq, heads, head_dim)).
+``flash_with_tangent`` exposes the fused forward+tangent kernel directly.
+"""
+from kernels.api import attention, flash_with_tangent
+from kernels.auto import choose_impl, load_table
+from kernels.config import AttentionConfig, KernelConfig, default_config
+from kernels.reference import attention_xla, tangent_xla
+
+__all__ = [
+    "attention",
+    "flash_with_tangent",
+    "attention_xla",
+    "tangent_xla",
+    "AttentionConfig",
+    "KernelConfig",
+    "default_config",
+    "choose_impl",
+    "load_table",
+]

@@ -1,0 +1,305 @@
+"""Public attention entry points: validation, padding, impl choice and batch sharding."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from kernels import auto as _auto
+from kernels import flash as _flash
+from kernels.config import MAX_HEAD_DIM, AttentionConfig, padded_head_dim
+from kernels.reference import attention_xla
+
+IMPLS = ("auto", "xla", "pallas")
+_PALLAS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# Kernels whose block sizes bound the padding, per mode.
+_PLAIN_KERNELS = ("fwd", "bwd_kv", "bwd_q")
+_JVP_KERNELS = ("fwd", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _as_array(x, name: str):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        try:
+            x = jnp.asarray(x)
+        except TypeError as e:
+            raise ValueError(f"{name} must be an array, got {type(x).__name__}") from e
+    return x
+
+
+def _check_arrays(names, arrays, *, pallas: bool):
+    arrays = [_as_array(a, n) for n, a in zip(names, arrays)]
+    for n, a in zip(names, arrays):
+        if a.ndim != 4:
+            raise ValueError(
+                f"{n} must have rank 4 (batch, seq, heads, head_dim), got shape {tuple(a.shape)}"
+            )
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{n} must have a floating dtype, got {a.dtype}")
+    q = arrays[0]
+    for n, a in zip(names[1:], arrays[1:]):
+        if a.dtype != q.dtype:
+            raise ValueError(f"{n} dtype {a.dtype} does not match q dtype {q.dtype}")
+    k = arrays[1]
+    for n, a in zip(names[1:3], arrays[1:3]):
+        if a.shape[0] != q.shape[0] or a.shape[2] != q.shape[2] or a.shape[3] != q.shape[3]:
+            raise ValueError(
+                f"{n} shape {tuple(a.shape)} does not match q shape {tuple(q.shape)} in "
+                "batch, heads or head_dim (layout is (batch, seq, heads, head_dim))"
+            )
+    if arrays[2].shape != k.shape:
+        raise ValueError(f"v shape {tuple(arrays[2].shape)} does not match k shape {tuple(k.shape)}")
+    for i in range(3, len(arrays)):  # tangents: same shape as their primal
+        if arrays[i].shape != arrays[i - 3].shape:
+            raise ValueError(
+                f"{names[i]} shape {tuple(arrays[i].shape)} does not match "
+                f"{names[i - 3]} shape {tuple(arrays[i - 3].shape)}"
+            )
+    if pallas:
+        if q.dtype not in _PALLAS_DTYPES:
+            raise ValueError(
+                f"impl='pallas' supports dtypes bfloat16, float16, float32; got {q.dtype}"
+            )
+        if q.shape[3] > MAX_HEAD_DIM:
+            raise ValueError(f"impl='pallas' supports head_dim <= {MAX_HEAD_DIM}, got head_dim={q.shape[3]}")
+        if min(q.shape) == 0 or min(k.shape) == 0:
+            raise ValueError(f"impl='pallas' needs non-empty inputs, got q {q.shape}, k {k.shape}")
+    return arrays
+
+
+def _resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    try:
+        scale = float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError("scale must be a static Python number (not a traced array)") from e
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _resolve_interpret(interpret) -> bool:
+    if interpret is None:
+        return jax.default_backend() == "cpu"
+    if not isinstance(interpret, (bool, np.bool_)):
+        raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
+    return bool(interpret)
+
+
+def _resolve_config(block_sizes, head_dim: int) -> AttentionConfig:
+    if block_sizes is None:
+        block_sizes = AttentionConfig()
+    elif isinstance(block_sizes, dict):
+        block_sizes = AttentionConfig.from_dict(block_sizes)
+    elif not isinstance(block_sizes, AttentionConfig):
+        raise ValueError(
+            f"block_sizes must be None, an AttentionConfig or a dict, got {type(block_sizes).__name__}"
+        )
+    return block_sizes.resolve(head_dim)
+
+
+def _check_impl(impl) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _plan(q_len: int, kv_len: int, head_dim: int, cfg: AttentionConfig, kernels, scale, interpret, dtype):
+    cfg = cfg.clamp(q_len, kv_len)
+    q_mult = max(getattr(cfg, n).block_q for n in kernels)
+    k_mult = max(getattr(cfg, n).block_k for n in kernels)
+    st = _flash.Static(
+        scale=scale,
+        q_len=q_len,
+        kv_len=kv_len,
+        cfg=cfg,
+        interpret=interpret,
+        precision=lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None,
+    )
+    return st, _round_up(q_len, q_mult), _round_up(kv_len, k_mult), padded_head_dim(head_dim)
+
+
+def _pad(x, seq: int, dim: int):
+    ps, pd = seq - x.shape[1], dim - x.shape[3]
+    if ps == 0 and pd == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, ps), (0, 0), (0, pd)))
+
+
+def _unpad(x, seq: int, dim: int):
+    if x.shape[1] == seq and x.shape[3] == dim:
+        return x
+    return x[:, :seq, :, :dim]
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _mesh_batch_axes():
+    """Non-manual axes of the active (abstract) mesh, in mesh order; () if none."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    if get is None:
+        return None, ()
+    mesh = get()
+    if mesh is None or mesh.empty:
+        return None, ()
+    manual = jax.sharding.AxisType.Manual
+    axes = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != manual)
+    return mesh, axes
+
+
+def _batch_sharded(fn, args, n_out: int):
+    """Runs fn(*args) with the batch dim split over all non-manual mesh axes (if a mesh is set).
+
+    A pallas_call is an opaque custom call that the SPMD partitioner would replicate, so the
+    kernels run under ``jax.shard_map`` on per-device batch shards instead.
+    """
+    mesh, axes = _mesh_batch_axes()
+    if not axes:
+        return fn(*args)
+    n = math.prod(mesh.shape[a] for a in axes)
+    batch = args[0].shape[0]
+    if batch % n:
+        raise ValueError(
+            f"attention batch size {batch} is not divisible by the {n} devices of mesh axes "
+            f"{axes}; the Pallas kernels shard the batch dimension over all mesh axes"
+        )
+    spec = jax.sharding.PartitionSpec(axes)
+    out_specs = spec if n_out == 1 else (spec,) * n_out
+    explicit = jax.sharding.AxisType.Explicit
+    if any(t == explicit for n, t in zip(mesh.axis_names, mesh.axis_types) if n in axes):
+        # Explicit axes: the sharding is part of the type and shard_map checks it; move the
+        # batch onto the mesh first (a local slice when the input is replicated).
+        args = tuple(jax.reshard(a, spec) for a in args)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(spec,) * len(args),
+        out_specs=out_specs,
+        axis_names=frozenset(axes),
+        check_vma=False,
+    )(*args)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    scale: Optional[float] = None,
+    impl: str = "auto",
+    jvp: bool = False,
+    interpret: Optional[bool] = None,
+    block_sizes: Optional[AttentionConfig] = None,
+):
+    """Non-causal multi-head attention, layout (batch, seq, heads, head_dim).
+
+    Args:
+      q: (B, Sq, H, D). k, v: (B, Sk, H, D); same dtype as q (Sk may differ from Sq).
+      scale: softmax scale (static float); default ``D ** -0.5``.
+      impl: ``"xla"`` (jnp reference, differentiable in every mode), ``"pallas"`` (Triton
+        kernels) or ``"auto"`` (per-shape choice from ``kernels/auto_table.json``; XLA on CPU
+        and for unmeasured shapes; see :mod:`kernels.auto`).
+      jvp: Pallas only. ``False``: a ``custom_vjp`` (flash forward + flash backward): supports
+        ``grad``/``vjp``/``vmap``/``jit``, not ``jax.jvp`` (raises JAX's error).
+        ``True``: a ``custom_jvp`` whose JVP is the fused forward+tangent kernel
+        (:func:`flash_with_tangent`), itself a ``custom_vjp``; so ``jax.grad`` of a function of
+        ``jax.jvp(...)`` outputs runs Pallas kernels end to end. The primal alone runs the
+        plain forward kernel. Reverse-mode of the primal alone (grad without jvp) is not
+        supported in this mode (JAX cannot transpose the custom_vjp in the JVP rule).
+      interpret: run the kernels in the Pallas interpreter; ``None`` = True iff the default
+        backend is CPU.
+      block_sizes: :class:`kernels.AttentionConfig` (or its dict form); ``None`` fields take
+        per-head-dim defaults.
+
+    Returns:
+      (B, Sq, H, D) array with q's dtype.
+
+    Ragged lengths are zero-padded to the block multiple (padded keys masked to -inf in the
+    kernels); head dims that are not a power of two >= 16 are zero-padded to the next one
+    (exact: zero columns change neither the logits nor the kept output columns). Head dims
+    above 256 raise ``ValueError`` on the Pallas path. Under an active mesh
+    (``jax.set_mesh``), the Pallas path wraps itself in ``jax.shard_map`` over the batch dim.
+    """
+    impl = _check_impl(impl)
+    if not isinstance(jvp, (bool, np.bool_)):
+        raise ValueError(f"jvp must be a bool, got {jvp!r}")
+    q, k, v = _check_arrays(("q", "k", "v"), (q, k, v), pallas=impl == "pallas")
+    head_dim = q.shape[3]
+    scale = _resolve_scale(scale, head_dim)
+    if impl == "auto":
+        mode = "jvp" if jvp else "plain"
+        impl = _auto.choose_impl(mode, max(q.shape[1], k.shape[1]), head_dim, q.dtype)
+        if impl == "pallas":
+            _check_arrays(("q", "k", "v"), (q, k, v), pallas=True)
+    if impl == "xla":
+        return attention_xla(q, k, v, scale=scale)
+
+    interpret = _resolve_interpret(interpret)
+    cfg = _resolve_config(block_sizes, head_dim)
+    st, q_pad, k_pad, d_pad = _plan(
+        q.shape[1], k.shape[1], head_dim, cfg, _JVP_KERNELS if jvp else _PLAIN_KERNELS,
+        scale, interpret, q.dtype,
+    )  # fmt: skip
+    core = _flash.flash_jvp_mode if jvp else _flash.flash
+
+    def run(q, k, v):
+        o = core(_pad(q, q_pad, d_pad), _pad(k, k_pad, d_pad), _pad(v, k_pad, d_pad), st)
+        return _unpad(o, q.shape[1], head_dim)
+
+    return _batch_sharded(run, (q, k, v), 1)
+
+
+def flash_with_tangent(
+    q,
+    k,
+    v,
+    tq,
+    tk,
+    tv,
+    *,
+    scale: Optional[float] = None,
+    interpret: Optional[bool] = None,
+    block_sizes: Optional[AttentionConfig] = None,
+):
+    """(o, t_o) = attention and its JVP along (tq, tk, tv), from one fused Pallas kernel.
+
+    A ``jax.custom_vjp`` function: its backward takes cotangents of both outputs and returns
+    cotangents of all six inputs (Pallas kernels). Only O(S) statistics per row are saved.
+    Shapes/dtypes as in :func:`attention`; each tangent matches its primal.
+    """
+    names = ("q", "k", "v", "tq", "tk", "tv")
+    q, k, v, tq, tk, tv = _check_arrays(names, (q, k, v, tq, tk, tv), pallas=True)
+    head_dim = q.shape[3]
+    scale = _resolve_scale(scale, head_dim)
+    interpret = _resolve_interpret(interpret)
+    cfg = _resolve_config(block_sizes, head_dim)
+    st, q_pad, k_pad, d_pad = _plan(
+        q.shape[1], k.shape[1], head_dim, cfg, _JVP_KERNELS, scale, interpret, q.dtype
+    )
+
+    def run(q, k, v, tq, tk, tv):
+        qs, ks = (q_pad, d_pad), (k_pad, d_pad)
+        o, to = _flash.flash_tangent(
+            _pad(q, *qs), _pad(k, *ks), _pad(v, *ks), _pad(tq, *qs), _pad(tk, *ks), _pad(tv, *ks), st
+        )
+        return _unpad(o, q.shape[1], head_dim), _unpad(to, q.shape[1], head_dim)
+
+    return _batch_sharded(run, (q, k, v, tq, tk, tv), 2)

@@ -1,0 +1,193 @@
+"""Tile sizes and launch parameters of the attention kernels.
+
+Every Pallas kernel of :mod:`kernels` is parameterised by a :class:`KernelConfig`
+(``block_q`` query rows and ``block_k`` key rows per tile, Triton ``num_warps`` and
+``num_stages``). :class:`AttentionConfig` groups one ``KernelConfig`` per kernel:
+
+============  ==========================================================  =========================
+field         kernel                                                      grid / loop
+============  ==========================================================  =========================
+fwd           plain flash forward: o and the row log-sum-exp              grid over q blocks, loop k
+bwd_kv        plain backward: dk, dv                                      grid over k blocks, loop q
+bwd_q         plain backward: dq                                          grid over q blocks, loop k
+jvp_fwd       fused forward + tangent: o, t_o, lse, mu                    grid over q blocks, loop k
+jvp_bwd_kv    tangent backward: dk, dv, dtk, dtv                          grid over k blocks, loop q
+jvp_bwd_q     tangent backward: dq, dtq                                   grid over q blocks, loop k
+============  ==========================================================  =========================
+
+A field left ``None`` takes the default for the (padded) head dimension from
+:func:`default_config`. Block sizes must be powers of two >= 16 (Triton's ``tl.dot``
+needs every matmul dimension >= 16). Inside :func:`kernels.attention` each block size is
+additionally clamped to ``max(16, next_power_of_2(seq_len))`` so that short sequences are
+not padded to a large block; the sequence is then zero-padded to a multiple of the
+largest block size the current mode can use (nothing is padded when already aligned).
+
+``num_warps``/``num_stages`` are passed to ``plgpu.CompilerParams``; they do nothing in
+interpret mode.
+
+How the defaults were chosen (no GPU was available): every kernel was lowered for CUDA
+(Pallas -> Triton IR) for a grid of configs (block_q, block_k in 16..128, 4/8 warps,
+2/3 stages) at D=64 and D=128, and the IR compiled offline for sm_90a with pip Triton 3.9
+and its ptxas, recording registers, spills and shared memory. Findings (Triton 3.9; the
+Triton inside XLA may differ somewhat):
+
+* registers, not shared memory, bound the tangent kernels: Pallas cannot pass an
+  accumulator into ``tl.dot``, so every ``acc + dot(a, b)`` keeps the dot result in extra
+  registers; with D=128 only small tiles of jvp_bwd_kv / jvp_bwd_q compile spill-free;
+* 4 warps spill for most 128-row tiles; 8 warps are needed at D=128;
+* a tile whose MMA M dimension (block_q in q-grid kernels, block_k in k-grid kernels) is
+  below 64 compiles to ``mma.sync`` (MMAv2) instead of Hopper ``wgmma``.
+
+The defaults below are the largest wgmma tiles without (or with little) spilling; the
+sweep candidates in ``bench/attention.py`` cover the spill-free alternatives.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+_VALID_WARPS = (1, 2, 4, 8, 16)
+KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q")
+MAX_HEAD_DIM = 256
+MIN_BLOCK = 16
+
+
+def _is_pow2(x: int) -> bool:
+    return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= x (x >= 1)."""
+    return 1 << (int(x) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of one kernel (see module docstring)."""
+
+    block_q: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            val = getattr(self, name)
+            if not _is_pow2(val) or val < MIN_BLOCK:
+                raise ValueError(
+                    f"KernelConfig.{name} must be a power of two >= {MIN_BLOCK}, got {val!r}"
+                )
+        if self.num_warps not in _VALID_WARPS:
+            raise ValueError(f"KernelConfig.num_warps must be one of {_VALID_WARPS}, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"KernelConfig.num_stages must be an int in [1, 8], got {self.num_stages!r}")
+
+    def clamp(self, q_len: int, kv_len: int) -> "KernelConfig":
+        """Shrinks the blocks so that no block is larger than the (pow2-rounded) sequence."""
+        bq = min(self.block_q, max(MIN_BLOCK, next_pow2(q_len)))
+        bk = min(self.block_k, max(MIN_BLOCK, next_pow2(kv_len)))
+        return dataclasses.replace(self, block_q=bq, block_k=bk)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """One :class:`KernelConfig` per kernel; ``None`` = default for the head dim."""
+
+    fwd: Optional[KernelConfig] = None
+    bwd_kv: Optional[KernelConfig] = None
+    bwd_q: Optional[KernelConfig] = None
+    jvp_fwd: Optional[KernelConfig] = None
+    jvp_bwd_kv: Optional[KernelConfig] = None
+    jvp_bwd_q: Optional[KernelConfig] = None
+
+    def __post_init__(self):
+        for name in KERNEL_NAMES:
+            val = getattr(self, name)
+            if val is not None and not isinstance(val, KernelConfig):
+                raise ValueError(
+                    f"AttentionConfig.{name} must be a KernelConfig or None, got {type(val).__name__}"
+                )
+
+    @classmethod
+    def uniform(cls, block_q: int, block_k: int, num_warps: int = 4, num_stages: int = 2) -> "AttentionConfig":
+        """Same tiles for every kernel (handy in tests)."""
+        kc = KernelConfig(block_q, block_k, num_warps, num_stages)
+        return cls(**{name: kc for name in KERNEL_NAMES})
+
+    def resolve(self, head_dim: int) -> "AttentionConfig":
+        """Fills every ``None`` field with the default for ``head_dim``."""
+        default = default_config(head_dim)
+        return AttentionConfig(
+            **{name: getattr(self, name) or getattr(default, name) for name in KERNEL_NAMES}
+        )
+
+    def clamp(self, q_len: int, kv_len: int) -> "AttentionConfig":
+        return AttentionConfig(
+            **{name: getattr(self, name).clamp(q_len, kv_len) for name in KERNEL_NAMES}
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            name: (None if getattr(self, name) is None else getattr(self, name).to_dict())
+            for name in KERNEL_NAMES
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AttentionConfig":
+        unknown = set(d) - set(KERNEL_NAMES)
+        if unknown:
+            raise ValueError(f"unknown AttentionConfig fields {sorted(unknown)}; expected {KERNEL_NAMES}")
+        return cls(**{k: (None if v is None else KernelConfig(**v)) for k, v in d.items()})
+
+
+def _kc(bq, bk, w, s):
+    return KernelConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+
+
+# Defaults per padded head dim (16/32/64 share one set). Chosen from an offline compile of
+# the kernels for sm_90a (Pallas -> TTIR here, then Triton 3.9 + ptxas on the CPU; see
+# "How the defaults were chosen" below): the largest tiles that compile without (or with
+# only a few bytes of) register spills and fit in shared memory. To be confirmed on the GPU
+# with ``bench/attention.py --sweep``.
+_DEFAULTS = {
+    64: AttentionConfig(
+        fwd=_kc(128, 64, 4, 3),  # 252 regs, no spill
+        bwd_kv=_kc(64, 128, 8, 2),  # 199 regs
+        bwd_q=_kc(128, 64, 8, 2),  # 118 regs
+        jvp_fwd=_kc(64, 64, 8, 3),  # 170 regs (128x64 spills a few bytes)
+        jvp_bwd_kv=_kc(32, 64, 8, 2),  # ~116 B spill; 64x32 is spill-free but uses mma.sync
+        jvp_bwd_q=_kc(128, 32, 8, 2),  # 206 regs
+    ),
+    128: AttentionConfig(
+        fwd=_kc(128, 64, 8, 3),  # 205 regs
+        bwd_kv=_kc(32, 128, 8, 2),  # 253 regs
+        bwd_q=_kc(128, 64, 8, 2),  # 165 regs
+        jvp_fwd=_kc(64, 64, 8, 2),  # ~56 B spill; 64x32 w8 s3 is spill-free
+        jvp_bwd_kv=_kc(32, 64, 8, 2),  # ~600 B spill; 64x32 is spill-free but uses mma.sync
+        jvp_bwd_q=_kc(64, 32, 8, 2),  # 249 regs
+    ),
+    256: AttentionConfig(
+        fwd=_kc(64, 32, 8, 2),
+        bwd_kv=_kc(16, 64, 8, 2),
+        bwd_q=_kc(64, 16, 8, 2),
+        jvp_fwd=_kc(32, 32, 8, 2),
+        jvp_bwd_kv=_kc(16, 32, 8, 2),
+        jvp_bwd_q=_kc(32, 16, 8, 2),
+    ),
+}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dim the kernels run at: next power of two, at least 16."""
+    return max(MIN_BLOCK, next_pow2(head_dim))
+
+
+def default_config(head_dim: int) -> AttentionConfig:
+    """Default :class:`AttentionConfig` for a head dim (1..256; uses the padded dim)."""
+    if not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be an int in [1, {MAX_HEAD_DIM}], got {head_dim!r}")
+    dp = padded_head_dim(head_dim)
+    return _DEFAULTS[max(64, dp)]

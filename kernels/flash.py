@@ -1,0 +1,580 @@
+"""Pallas (Triton) flash-attention kernels: plain and fused forward+tangent, with backwards.
+
+Everything here works on *padded* arrays in BSHD layout ``(batch, seq, heads, dim)``:
+the sequence lengths are multiples of every block size used, the head dim is a power of
+two >= 16, and the true (unpadded) lengths are carried statically in :class:`Static`.
+Padding and validation live in :mod:`kernels.attention`; padded key rows are masked to
+``-inf`` in the kernels that sum over keys; padded query rows need no mask in the
+kernels that sum over queries because their q, tq and cotangent rows are zero.
+
+Math (per batch and head; ``c`` = softmax scale; all statistics fp32, per query row):
+
+* ``S = c q k^T``, ``P = softmax(S)``, ``o = P v``. The kernels work in base 2:
+  ``s2 = S log2(e)``, ``P = exp2(s2 - lse2)``, with ``lse2 = m2 + log2(l)`` saved.
+* Tangent: ``tS = c (tq k^T + q tk^T)``, ``mu = rowsum(P * tS)``,
+  ``tP = P * (tS - mu)``, ``t_o = tP v + P tv``. Online form: running max ``m``,
+  ``l = sum exp(S - m)``, ``acc_o = sum p v``, ``acc_t = sum (p*tS) v + p tv``,
+  ``acc_mu = sum p*tS``, all rescaled by ``exp(m_old - m_new)``; at the end
+  ``o = acc_o/l``, ``mu = acc_mu/l``, ``t_o = acc_t/l - mu o``.
+* Backward of (o, t_o) with cotangents (do, dto): ``nu = dto.o``,
+  ``delta = do.o + dto.t_o - nu mu``, ``dtP = dto v^T``,
+  ``dP = do v^T + dto tv^T + dtP (tS - mu) - nu tS``, ``dS = P (dP - delta)``,
+  ``dtS = P (dtP - nu)``; ``dv = P^T do + tP^T dto``, ``dtv = P^T dto``,
+  ``dq = c (dS k + dtS tk)``, ``dtq = c dtS k``, ``dk = c (dS^T q + dtS^T tq)``,
+  ``dtk = c dtS^T q``. The plain backward is the special case ``dto = 0``.
+
+Matmul operands are in the input dtype, accumulation in fp32 (``preferred_element_type``);
+fp32 inputs use IEEE fp32 matmuls (``Precision.HIGHEST``, no TF32).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.config import AttentionConfig, KernelConfig
+
+_LOG2E = math.log2(math.e)
+_F32 = jnp.float32
+# Squeezed block dimension (``None`` is the long-standing spelling; newer jax has pl.squeezed).
+_SQ = getattr(pl, "squeezed", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Static parameters of one attention call (hashable; a nondiff arg of the custom rules)."""
+
+    scale: float
+    q_len: int  # true query length (<= padded length)
+    kv_len: int  # true key length
+    cfg: AttentionConfig  # resolved and clamped: every field set
+    interpret: bool
+    precision: Any = None  # lax.Precision.HIGHEST for fp32 inputs, else None
+
+    @property
+    def qk_scale2(self) -> float:
+        return self.scale * _LOG2E
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _mm(a, b, st: Static):
+    """a @ b with fp32 accumulation. a: (m, k), b: (k, n)."""
+    return lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())), precision=st.precision, preferred_element_type=_F32
+    )
+
+
+def _mm_nt(a, b, st: Static):
+    """a @ b.T with fp32 accumulation. a: (m, k), b: (n, k)."""
+    return lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=st.precision, preferred_element_type=_F32
+    )
+
+
+def _start(idx, block: int):
+    start = idx * block
+    if isinstance(start, int):
+        return start
+    return pl.multiple_of(start, block)
+
+
+def _mask_keys(s, start, kv_len: int, block_k: int):
+    """Sets the logits of padded keys (column index >= kv_len) to -inf. s: (bq, bk)."""
+    cols = start + jnp.arange(block_k, dtype=jnp.int32)
+    return jnp.where((cols < kv_len)[None, :], s, -jnp.inf)
+
+
+def _loop_over_keys(body, init, kv_len: int, block_k: int):
+    """Runs ``body(j, carry, masked)`` over all key blocks holding real keys.
+
+    Full blocks run unmasked in a loop; a ragged last block is peeled and masked.
+    """
+    n_full = kv_len // block_k
+    carry = init
+    if n_full > 0:
+        carry = lax.fori_loop(0, n_full, lambda j, c: body(j, c, False), carry)
+    if kv_len % block_k:
+        carry = body(n_full, carry, True)
+    return carry
+
+
+def _params(kc: KernelConfig):
+    return plgpu.CompilerParams(num_warps=kc.num_warps, num_stages=kc.num_stages)
+
+
+def _rows_spec(block: int, dim: int):
+    """(batch, seq, heads, dim) array, one block of `block` rows at grid index i."""
+    return pl.BlockSpec((_SQ, block, _SQ, dim), lambda i, b, h: (b, i, h, 0))
+
+
+def _all_rows_spec(seq: int, dim: int):
+    return pl.BlockSpec((_SQ, seq, _SQ, dim), lambda i, b, h: (b, 0, h, 0))
+
+
+def _stat_rows_spec(block: int):
+    """(batch, heads, seq) fp32 row statistics, one block at grid index i."""
+    return pl.BlockSpec((_SQ, _SQ, block), lambda i, b, h: (b, h, i))
+
+
+def _all_stat_spec(seq: int):
+    return pl.BlockSpec((_SQ, _SQ, seq), lambda i, b, h: (b, h, 0))
+
+
+def _like(x, fn=None):
+    """ShapeDtypeStruct of ``fn(x)`` (default: of x) carrying x's manual-axes (vma) typing.
+
+    Inside a user's ``shard_map`` with ``check_vma=True`` pallas_call needs out_shape types
+    that say how outputs vary across mesh axes; ``jax.eval_shape`` derives them from x
+    without computing anything.
+    """
+    return jax.eval_shape(fn or (lambda a: a), x)
+
+
+def _stat_shape(x):
+    """(B, H, S) fp32 row statistics of a (B, S, H, D) array."""
+    return _like(x, lambda a: jnp.swapaxes(a[..., 0], 1, 2).astype(_F32))
+
+
+def _row_dot(a, b):
+    """sum_d a*b in fp32, (B, S, H, D) x2 -> (B, H, S). Elementwise + reduce (no TF32 matmul)."""
+    r = jnp.sum(a.astype(_F32) * b.astype(_F32), axis=-1)
+    return jnp.transpose(r, (0, 2, 1))
+
+
+# ----------------------------------------------------------------------------- plain forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, kc: KernelConfig):
+    bq, bk = kc.block_q, kc.block_k
+    q = q_ref[...]
+    dt = q.dtype
+    dim = q.shape[-1]
+
+    def body(j, carry, masked):
+        acc, m, l = carry
+        start = _start(j, bk)
+        ks = pl.ds(start, bk)
+        k = k_ref[ks, :]
+        v = v_ref[ks, :]
+        s = _mm_nt(q, k, st) * st.qk_scale2
+        if masked:
+            s = _mask_keys(s, start, st.kv_len, bk)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _mm(p.astype(dt), v, st)
+        return acc, m_new, l
+
+    init = (
+        jnp.zeros((bq, dim), _F32),
+        jnp.full((bq,), -jnp.inf, _F32),
+        jnp.zeros((bq,), _F32),
+    )
+    acc, m, l = _loop_over_keys(body, init, st.kv_len, bk)
+    inv_l = 1.0 / l
+    o_ref[...] = (acc * inv_l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log2(l)
+
+
+def fwd_call(q, k, v, st: Static):
+    """Plain forward. Returns (o, lse2) with lse2 (B, H, Sq_pad) fp32 in base 2."""
+    kc = st.cfg.fwd
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, kc=kc),
+        grid=(sq // kc.block_q, b, h),
+        in_specs=[_rows_spec(kc.block_q, d), _all_rows_spec(sk, d), _all_rows_spec(sk, d)],
+        out_specs=[_rows_spec(kc.block_q, d), _stat_rows_spec(kc.block_q)],
+        out_shape=[_like(q), _stat_shape(q)],
+        compiler_params=_params(kc),
+        interpret=st.interpret,
+        name="tvm_flash_fwd",
+    )(q, k, v)
+
+
+# ----------------------------------------------------------------------------- plain backward
+
+
+def _bwd_kv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st, kc):
+    bq, bk = kc.block_q, kc.block_k
+    k = k_ref[...]
+    v = v_ref[...]
+    dt = k.dtype
+    dim = k.shape[-1]
+
+    def body(i, carry):
+        dk, dv = carry
+        qs = pl.ds(_start(i, bq), bq)
+        q = q_ref[qs, :]
+        do = do_ref[qs, :]
+        lse = lse_ref[qs]
+        delta = delta_ref[qs]
+        # Transposed tiles (keys x queries) so the resident-key accumulators need no transposes.
+        p_t = jnp.exp2(_mm_nt(k, q, st) * st.qk_scale2 - lse[None, :])
+        dv = dv + _mm(p_t.astype(dt), do, st)
+        dp_t = _mm_nt(v, do, st)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dk + _mm(ds_t.astype(dt), q, st)
+        return dk, dv
+
+    zeros = jnp.zeros((bk, dim), _F32)
+    n_q = pl.cdiv(st.q_len, bq)  # query blocks past q_len are all padding: skipped
+    dk, dv = lax.fori_loop(0, n_q, body, (zeros, zeros))
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _bwd_q_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st, kc):
+    bq, bk = kc.block_q, kc.block_k
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    dt = q.dtype
+
+    def body(j, dq, masked):
+        start = _start(j, bk)
+        ks = pl.ds(start, bk)
+        k = k_ref[ks, :]
+        v = v_ref[ks, :]
+        s = _mm_nt(q, k, st) * st.qk_scale2
+        if masked:
+            s = _mask_keys(s, start, st.kv_len, bk)
+        p = jnp.exp2(s - lse[:, None])
+        dp = _mm_nt(do, v, st)
+        ds = p * (dp - delta[:, None])
+        return dq + _mm(ds.astype(dt), k, st)
+
+    dq = _loop_over_keys(body, jnp.zeros(q.shape, _F32), st.kv_len, bk)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def bwd_call(q, k, v, o, lse, do, st: Static):
+    """Plain backward. Returns (dq, dk, dv)."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    delta = _row_dot(o, do)
+    kc = st.cfg.bwd_kv
+    dk, dv = pl.pallas_call(
+        functools.partial(_bwd_kv_kernel, st=st, kc=kc),
+        grid=(sk // kc.block_k, b, h),
+        in_specs=[
+            _all_rows_spec(sq, d),
+            _rows_spec(kc.block_k, d),
+            _rows_spec(kc.block_k, d),
+            _all_rows_spec(sq, d),
+            _all_stat_spec(sq),
+            _all_stat_spec(sq),
+        ],
+        out_specs=[_rows_spec(kc.block_k, d), _rows_spec(kc.block_k, d)],
+        out_shape=[_like(k), _like(v)],
+        compiler_params=_params(kc),
+        interpret=st.interpret,
+        name="tvm_flash_bwd_kv",
+    )(q, k, v, do, lse, delta)
+    kc = st.cfg.bwd_q
+    dq = pl.pallas_call(
+        functools.partial(_bwd_q_kernel, st=st, kc=kc),
+        grid=(sq // kc.block_q, b, h),
+        in_specs=[
+            _rows_spec(kc.block_q, d),
+            _all_rows_spec(sk, d),
+            _all_rows_spec(sk, d),
+            _rows_spec(kc.block_q, d),
+            _stat_rows_spec(kc.block_q),
+            _stat_rows_spec(kc.block_q),
+        ],
+        out_specs=_rows_spec(kc.block_q, d),
+        out_shape=_like(q),
+        compiler_params=_params(kc),
+        interpret=st.interpret,
+        name="tvm_flash_bwd_q",
+    )(q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- fused forward + tangent
+
+
+def _jvp_fwd_kernel(
+    q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, o_ref, to_ref, lse_ref, mu_ref, *, st, kc
+):
+    bq, bk = kc.block_q, kc.block_k
+    q = q_ref[...]
+    tq = tq_ref[...]
+    dt = q.dtype
+    dim = q.shape[-1]
+
+    def body(j, carry, masked):
+        acc_o, acc_t, acc_mu, m, l = carry
+        start = _start(j, bk)
+        ks = pl.ds(start, bk)
+        k = k_ref[ks, :]
+        tk = tk_ref[ks, :]
+        s = _mm_nt(q, k, st) * st.qk_scale2
+        ts = (_mm_nt(tq, k, st) + _mm_nt(q, tk, st)) * st.scale
+        if masked:
+            s = _mask_keys(s, start, st.kv_len, bk)  # ts stays finite: padded k, tk are 0
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        pts = p * ts
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc_mu = acc_mu * alpha + jnp.sum(pts, axis=1)
+        v = v_ref[ks, :]
+        tv = tv_ref[ks, :]
+        pc = p.astype(dt)
+        acc_o = acc_o * alpha[:, None] + _mm(pc, v, st)
+        acc_t = acc_t * alpha[:, None] + _mm(pts.astype(dt), v, st) + _mm(pc, tv, st)
+        return acc_o, acc_t, acc_mu, m_new, l
+
+    init = (
+        jnp.zeros((bq, dim), _F32),
+        jnp.zeros((bq, dim), _F32),
+        jnp.zeros((bq,), _F32),
+        jnp.full((bq,), -jnp.inf, _F32),
+        jnp.zeros((bq,), _F32),
+    )
+    acc_o, acc_t, acc_mu, m, l = _loop_over_keys(body, init, st.kv_len, bk)
+    inv_l = 1.0 / l
+    o = acc_o * inv_l[:, None]
+    mu = acc_mu * inv_l
+    o_ref[...] = o.astype(o_ref.dtype)
+    to_ref[...] = (acc_t * inv_l[:, None] - mu[:, None] * o).astype(to_ref.dtype)
+    lse_ref[...] = m + jnp.log2(l)
+    mu_ref[...] = mu
+
+
+def jvp_fwd_call(q, k, v, tq, tk, tv, st: Static):
+    """Fused forward + tangent. Returns (o, t_o, lse2, mu); lse2, mu: (B, H, Sq_pad) fp32."""
+    kc = st.cfg.jvp_fwd
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    rows = _rows_spec(kc.block_q, d)
+    full = _all_rows_spec(sk, d)
+    stat = _stat_rows_spec(kc.block_q)
+    return pl.pallas_call(
+        functools.partial(_jvp_fwd_kernel, st=st, kc=kc),
+        grid=(sq // kc.block_q, b, h),
+        in_specs=[rows, full, full, rows, full, full],
+        out_specs=[rows, rows, stat, stat],
+        out_shape=[
+            _like(q),
+            _like(q),
+            _stat_shape(q),
+            _stat_shape(q),
+        ],
+        compiler_params=_params(kc),
+        interpret=st.interpret,
+        name="tvm_flash_jvp_fwd",
+    )(q, k, v, tq, tk, tv)
+
+
+# ----------------------------------------------------------------------------- tangent backward
+
+
+def _jvp_bwd_kv_kernel(
+    q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
+    lse_ref, mu_ref, delta_ref, nu_ref,
+    dk_ref, dv_ref, dtk_ref, dtv_ref, *, st, kc,
+):  # fmt: skip
+    bq, bk = kc.block_q, kc.block_k
+    k = k_ref[...]
+    v = v_ref[...]
+    tk = tk_ref[...]
+    tv = tv_ref[...]
+    dt = k.dtype
+    dim = k.shape[-1]
+
+    def body(i, carry):
+        dk, dv, dtk, dtv = carry
+        qs = pl.ds(_start(i, bq), bq)
+        q = q_ref[qs, :]
+        tq = tq_ref[qs, :]
+        do = do_ref[qs, :]
+        dto = dto_ref[qs, :]
+        lse = lse_ref[qs][None, :]
+        mu = mu_ref[qs][None, :]
+        delta = delta_ref[qs][None, :]
+        nu = nu_ref[qs][None, :]
+        # All tiles transposed: (keys, queries).
+        p = jnp.exp2(_mm_nt(k, q, st) * st.qk_scale2 - lse)
+        ts = (_mm_nt(k, tq, st) + _mm_nt(tk, q, st)) * st.scale
+        dtp = _mm_nt(v, dto, st)
+        dp = _mm_nt(v, do, st) + _mm_nt(tv, dto, st)
+        tsc = ts - mu
+        tp = p * tsc
+        ds = p * (dp + dtp * tsc - nu * ts - delta)
+        dts = p * (dtp - nu)
+        pc = p.astype(dt)
+        dv = dv + _mm(pc, do, st) + _mm(tp.astype(dt), dto, st)
+        dtv = dtv + _mm(pc, dto, st)
+        dtsc = dts.astype(dt)
+        dk = dk + _mm(ds.astype(dt), q, st) + _mm(dtsc, tq, st)
+        dtk = dtk + _mm(dtsc, q, st)
+        return dk, dv, dtk, dtv
+
+    zeros = jnp.zeros((bk, dim), _F32)
+    n_q = pl.cdiv(st.q_len, bq)
+    dk, dv, dtk, dtv = lax.fori_loop(0, n_q, body, (zeros, zeros, zeros, zeros))
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dtk_ref[...] = (dtk * st.scale).astype(dtk_ref.dtype)
+    dtv_ref[...] = dtv.astype(dtv_ref.dtype)
+
+
+def _jvp_bwd_q_kernel(
+    q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
+    lse_ref, mu_ref, delta_ref, nu_ref,
+    dq_ref, dtq_ref, *, st, kc,
+):  # fmt: skip
+    bq, bk = kc.block_q, kc.block_k
+    q = q_ref[...]
+    tq = tq_ref[...]
+    do = do_ref[...]
+    dto = dto_ref[...]
+    lse = lse_ref[...][:, None]
+    mu = mu_ref[...][:, None]
+    delta = delta_ref[...][:, None]
+    nu = nu_ref[...][:, None]
+    dt = q.dtype
+
+    def body(j, carry, masked):
+        dq, dtq = carry
+        start = _start(j, bk)
+        ks = pl.ds(start, bk)
+        k = k_ref[ks, :]
+        tk = tk_ref[ks, :]
+        v = v_ref[ks, :]
+        tv = tv_ref[ks, :]
+        s = _mm_nt(q, k, st) * st.qk_scale2
+        if masked:
+            s = _mask_keys(s, start, st.kv_len, bk)
+        p = jnp.exp2(s - lse)
+        ts = (_mm_nt(tq, k, st) + _mm_nt(q, tk, st)) * st.scale
+        dtp = _mm_nt(dto, v, st)
+        dp = _mm_nt(do, v, st) + _mm_nt(dto, tv, st)
+        tsc = ts - mu
+        ds = p * (dp + dtp * tsc - nu * ts - delta)
+        dts = p * (dtp - nu)
+        dtsc = dts.astype(dt)
+        dq = dq + _mm(ds.astype(dt), k, st) + _mm(dtsc, tk, st)
+        dtq = dtq + _mm(dtsc, k, st)
+        return dq, dtq
+
+    zeros = jnp.zeros(q.shape, _F32)
+    dq, dtq = _loop_over_keys(body, (zeros, zeros), st.kv_len, bk)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+    dtq_ref[...] = (dtq * st.scale).astype(dtq_ref.dtype)
+
+
+def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
+    """Backward of (o, t_o). Returns (dq, dk, dv, dtq, dtk, dtv)."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    nu = _row_dot(dto, o)
+    delta = _row_dot(do, o) + _row_dot(dto, to) - nu * mu
+    args = (q, k, v, tq, tk, tv, do, dto, lse, mu, delta, nu)
+
+    kc = st.cfg.jvp_bwd_kv
+    q_all = _all_rows_spec(sq, d)
+    k_blk = _rows_spec(kc.block_k, d)
+    stat_all = _all_stat_spec(sq)
+    dk, dv, dtk, dtv = pl.pallas_call(
+        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc),
+        grid=(sk // kc.block_k, b, h),
+        in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
+        out_specs=[k_blk] * 4,
+        out_shape=[_like(k)] * 4,
+        compiler_params=_params(kc),
+        interpret=st.interpret,
+        name="tvm_flash_jvp_bwd_kv",
+    )(*args)
+
+    kc = st.cfg.jvp_bwd_q
+    q_blk = _rows_spec(kc.block_q, d)
+    k_all = _all_rows_spec(sk, d)
+    stat_blk = _stat_rows_spec(kc.block_q)
+    dq, dtq = pl.pallas_call(
+        functools.partial(_jvp_bwd_q_kernel, st=st, kc=kc),
+        grid=(sq // kc.block_q, b, h),
+        in_specs=[q_blk, k_all, k_all, q_blk, k_all, k_all, q_blk, q_blk] + [stat_blk] * 4,
+        out_specs=[q_blk, q_blk],
+        out_shape=[_like(q)] * 2,
+        compiler_params=_params(kc),
+        interpret=st.interpret,
+        name="tvm_flash_jvp_bwd_q",
+    )(*args)
+    return dq, dk, dv, dtq, dtk, dtv
+
+
+# ----------------------------------------------------------------------------- autodiff rules
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def flash(q, k, v, st: Static):
+    """Plain flash attention on padded arrays; reverse-differentiable (custom_vjp)."""
+    return fwd_call(q, k, v, st)[0]
+
+
+def _flash_fwd(q, k, v, st):
+    o, lse = fwd_call(q, k, v, st)
+    return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(st, res, do):
+    q, k, v, o, lse = res
+    return bwd_call(q, k, v, o, lse, do, st)
+
+
+flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def flash_tangent(q, k, v, tq, tk, tv, st: Static):
+    """(o, t_o) from one fused kernel, on padded arrays; reverse-differentiable in all six inputs."""
+    o, to, _, _ = jvp_fwd_call(q, k, v, tq, tk, tv, st)
+    return o, to
+
+
+def _flash_tangent_fwd(q, k, v, tq, tk, tv, st):
+    o, to, lse, mu = jvp_fwd_call(q, k, v, tq, tk, tv, st)
+    return (o, to), (q, k, v, tq, tk, tv, o, to, lse, mu)
+
+
+def _flash_tangent_bwd(st, res, cts):
+    do, dto = cts
+    return jvp_bwd_call(*res, do.astype(res[6].dtype), dto.astype(res[7].dtype), st)
+
+
+flash_tangent.defvjp(_flash_tangent_fwd, _flash_tangent_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def flash_jvp_mode(q, k, v, st: Static):
+    """Flash attention whose JVP is the fused tangent kernel (so grad-of-jvp uses kernels).
+
+    The primal (no tangents) runs the plain forward kernel. Reverse-mode differentiation of
+    this function *without* an enclosing ``jax.jvp`` is not possible (JAX would have to
+    transpose the custom_vjp inside the JVP rule); use the plain mode for that.
+    """
+    return fwd_call(q, k, v, st)[0]
+
+
+@flash_jvp_mode.defjvp
+def _flash_jvp_mode_rule(st, primals, tangents):
+    q, k, v = primals
+    tq, tk, tv = tangents
+    o, to = flash_tangent(q, k, v, tq, tk, tv, st)
+    return o, to

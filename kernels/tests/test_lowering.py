@@ -1,0 +1,141 @@
+"""Lowers every Pallas kernel for CUDA on this CPU machine (Pallas -> Triton IR).
+
+``jax.export`` for platform "cuda" runs the Pallas Triton lowering (which rejects ops and
+shapes Triton cannot take) and embeds each kernel as a ``__gpu$xla.gpu.triton`` custom call.
+The kernels are compiled by XLA only on a GPU, so this cannot catch Triton compile-time
+failures (e.g. shared memory overflow), but it catches every unsupported-op/shape error and
+a silent switch to the Mosaic GPU backend (a pallas_call without Triton CompilerParams).
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kernels import AttentionConfig, KernelConfig, attention, default_config, flash_with_tangent
+
+TRITON = "__gpu$xla.gpu.triton"
+KW = dict(impl="pallas", interpret=False)
+
+
+def _lower(fn, *args):
+    exp = export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)],
+    )(*args)
+    return exp.mlir_module()
+
+
+def _kernels(text):
+    """(name, num_warps, num_stages) of every Triton custom call in the module."""
+    assert "mosaic" not in text.lower(), "a kernel lowered to Mosaic GPU instead of Triton"
+    calls = [l for l in text.splitlines() if TRITON in l and "custom_call" in l]
+    out = []
+    for line in calls:
+        name = re.search(r'name = "(\w+)"', line).group(1)
+        warps = int(re.search(r"num_warps = (\d+)", line).group(1))
+        stages = int(re.search(r"num_stages = (\d+)", line).group(1))
+        out.append((name, warps, stages))
+    return out
+
+
+def _f32sum(x):
+    return jnp.sum(x.astype(jnp.float32))
+
+
+def _check(text, expected, dim, cfg=None):
+    found = _kernels(text)
+    assert sorted(n for n, _, _ in found) == sorted("tvm_flash_" + e for e in expected), found
+    cfg = (cfg or default_config(dim)).resolve(dim)
+    for name, warps, stages in found:
+        kc = getattr(cfg, name.removeprefix("tvm_flash_"))
+        assert (warps, stages) == (kc.num_warps, kc.num_stages), (name, warps, stages)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("seq", [256, 130])
+def test_all_kernels_lower_to_triton(dim, seq):
+    sd = jax.ShapeDtypeStruct((2, seq, 3, dim), jnp.bfloat16)
+
+    fwd = _lower(lambda q, k, v: attention(q, k, v, **KW), sd, sd, sd)
+    _check(fwd, ["fwd"], dim)
+
+    bwd = _lower(jax.grad(lambda q, k, v: _f32sum(attention(q, k, v, **KW)), argnums=(0, 1, 2)), sd, sd, sd)
+    _check(bwd, ["fwd", "bwd_kv", "bwd_q"], dim)
+
+    tan = _lower(lambda *a: flash_with_tangent(*a, interpret=False), *(sd,) * 6)
+    _check(tan, ["jvp_fwd"], dim)
+
+    def tan_vjp(q, k, v, tq, tk, tv, do, dto):
+        _, vjp = jax.vjp(lambda *a: flash_with_tangent(*a, interpret=False), q, k, v, tq, tk, tv)
+        return vjp((do, dto))
+
+    _check(_lower(tan_vjp, *(sd,) * 8), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], dim)
+
+    def loss(q, k, v, tq, tk, tv):
+        o, to = jax.jvp(lambda a, b, c: attention(a, b, c, jvp=True, **KW), (q, k, v), (tq, tk, tv))
+        return _f32sum(o) + _f32sum(to * to)
+
+    _check(_lower(jax.grad(loss, argnums=tuple(range(6))), *(sd,) * 6), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], dim)
+    # jvp=True primal alone: the plain forward kernel.
+    _check(_lower(lambda q, k, v: attention(q, k, v, jvp=True, **KW), sd, sd, sd), ["fwd"], dim)
+
+
+@pytest.mark.parametrize(
+    "dtype,dim,q_len,kv_len",
+    [(jnp.float32, 64, 100, 100), (jnp.bfloat16, 32, 1000, 1000), (jnp.bfloat16, 256, 64, 64),
+     (jnp.float16, 80, 77, 300)],
+)  # fmt: skip
+def test_other_dtypes_dims_and_lengths_lower(dtype, dim, q_len, kv_len):
+    sq = jax.ShapeDtypeStruct((1, q_len, 2, dim), dtype)
+    sk = jax.ShapeDtypeStruct((1, kv_len, 2, dim), dtype)
+
+    def loss(q, k, v):
+        o, to = jax.jvp(lambda a, b, c: attention(a, b, c, jvp=True, **KW), (q, k, v), (q, k, v))
+        return _f32sum(o) + _f32sum(to)
+
+    _check(_lower(jax.grad(loss, argnums=(0, 1, 2)), sq, sk, sk), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], dim)
+    plain = jax.grad(lambda q, k, v: _f32sum(attention(q, k, v, **KW)), argnums=(0, 1, 2))
+    _check(_lower(plain, sq, sk, sk), ["fwd", "bwd_kv", "bwd_q"], dim)
+
+
+def test_custom_block_sizes_and_vmap_lower():
+    cfg = AttentionConfig(
+        fwd=KernelConfig(64, 32, 4, 4), jvp_fwd=KernelConfig(32, 128, 8, 1), jvp_bwd_kv=KernelConfig(16, 128, 4, 3),
+        jvp_bwd_q=KernelConfig(128, 16, 2, 2),
+    )  # fmt: skip
+    sd = jax.ShapeDtypeStruct((2, 1, 512, 2, 64), jnp.bfloat16)  # vmapped leading axis
+
+    def loss(q, k, v):
+        o, to = jax.jvp(lambda a, b, c: attention(a, b, c, jvp=True, block_sizes=cfg, **KW), (q, k, v), (v, q, k))
+        return _f32sum(o) + _f32sum(to)
+
+    g = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))
+    _check(_lower(g, sd, sd, sd), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], 64, cfg)
+
+
+def test_lowering_under_mesh_and_inside_user_shard_map():
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices")
+    mesh = jax.make_mesh((4,), ("d",))
+    with jax.set_mesh(mesh):
+        sd = jax.ShapeDtypeStruct((4, 128, 2, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P("d")))
+
+        def loss(q, k, v, tq, tk, tv):
+            o, to = jax.jvp(lambda a, b, c: attention(a, b, c, jvp=True, **KW), (q, k, v), (tq, tk, tv))
+            return _f32sum(o) + _f32sum(to)
+
+        g = jax.grad(loss, argnums=tuple(range(6)))
+        text = _lower(g, *(sd,) * 6)  # auto-wrapped in shard_map over the batch
+        _check(text, ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], 64)
+        # The kernels sit in a manual computation split over the batch dim on "d".
+        manual = [l for l in text.splitlines() if "manual_computation" in l or "SPMDFullToShardShape" in l]
+        assert manual, "no shard_map around the kernels"
+        assert all('[{"d"}, {}, {}, {}]' in l for l in manual if "in_shardings" in l), manual
+        # Inside a user's shard_map with the default check_vma=True.
+        inner = jax.shard_map(g, in_specs=P("d"), out_specs=P("d"))
+        _check(_lower(inner, *(sd,) * 6), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], 64)

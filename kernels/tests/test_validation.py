@@ -1,0 +1,95 @@
+"""Bad inputs raise ValueError naming the problem; unusual head dims are handled."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels import AttentionConfig, KernelConfig, attention, attention_xla, flash_with_tangent
+from kernels.tests.helpers import assert_close, randn, x64
+
+F32 = jnp.float32
+X = jnp.zeros((1, 16, 2, 32), F32)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "auto"])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((jnp.zeros((16, 2, 32)), X, X), "rank 4"),
+        ((X, jnp.zeros((1, 16, 2, 32), jnp.bfloat16), X), "dtype"),
+        ((X, jnp.zeros((1, 16, 3, 32)), jnp.zeros((1, 16, 3, 32))), "heads"),
+        ((X, jnp.zeros((2, 16, 2, 32)), jnp.zeros((2, 16, 2, 32))), "batch"),
+        ((X, X, jnp.zeros((1, 17, 2, 32))), "v shape"),
+        ((jnp.zeros((1, 16, 2, 32), jnp.int32),) * 3, "floating dtype"),
+    ],
+)
+def test_bad_arrays(impl, args, match):
+    with pytest.raises(ValueError, match=match):
+        attention(*args, impl=impl, interpret=True)
+
+
+def test_pallas_only_limits():
+    with pytest.raises(ValueError, match="head_dim <= 256"):
+        big = jnp.zeros((1, 16, 1, 320), F32)
+        attention(big, big, big, impl="pallas")
+    attention(jnp.zeros((1, 4, 1, 320)), jnp.zeros((1, 4, 1, 320)), jnp.zeros((1, 4, 1, 320)), impl="xla")
+    with x64(), pytest.raises(ValueError, match="dtypes bfloat16, float16, float32"):
+        x = jnp.zeros((1, 16, 1, 32), jnp.float64)
+        attention(x, x, x, impl="pallas")
+    with pytest.raises(ValueError, match="non-empty"):
+        e = jnp.zeros((1, 0, 1, 32), F32)
+        attention(e, e, e, impl="pallas")
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        attention(X, X, X, impl="triton")
+    with pytest.raises(ValueError, match="jvp must be a bool"):
+        attention(X, X, X, impl="pallas", jvp="yes")
+    with pytest.raises(ValueError, match="interpret must be"):
+        attention(X, X, X, impl="pallas", interpret="cpu")
+    with pytest.raises(ValueError, match="block_sizes must be"):
+        attention(X, X, X, impl="pallas", block_sizes=(64, 64))
+    with pytest.raises(ValueError, match="static Python number"):
+        jax.jit(lambda s: attention(X, X, X, impl="pallas", scale=s))(0.5)
+    with pytest.raises(ValueError, match="finite"):
+        attention(X, X, X, impl="xla", scale=float("nan"))
+
+
+def test_bad_block_sizes():
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig(24, 16)
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig(8, 16)  # Triton dots need >= 16
+    with pytest.raises(ValueError, match="num_warps"):
+        KernelConfig(16, 16, num_warps=3)
+    with pytest.raises(ValueError, match="num_stages"):
+        KernelConfig(16, 16, num_stages=0)
+    with pytest.raises(ValueError, match="KernelConfig or None"):
+        AttentionConfig(fwd=(16, 16))
+    with pytest.raises(ValueError, match="unknown AttentionConfig fields"):
+        AttentionConfig.from_dict({"forward": None})
+    cfg = AttentionConfig(fwd=KernelConfig(32, 16, 8, 3))
+    assert AttentionConfig.from_dict(cfg.to_dict()) == cfg
+    resolved = cfg.resolve(128)
+    assert resolved.fwd == KernelConfig(32, 16, 8, 3) and resolved.jvp_fwd is not None
+
+
+def test_bad_tangents():
+    with pytest.raises(ValueError, match="tq shape"):
+        flash_with_tangent(X, X, X, jnp.zeros((1, 8, 2, 32)), X, X)
+    with pytest.raises(ValueError, match="tv dtype"):
+        flash_with_tangent(X, X, X, X, X, X.astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("dim", [8, 200])
+def test_head_dims_zero_padded_to_pow2(dim):
+    """D=8 runs at 16, D=200 at 256 (zero columns change neither logits nor kept outputs)."""
+    q, k, v, tq, tk, tv = randn(30 + dim, [(1, 20, 1, dim)] * 6, F32)
+    cfg = AttentionConfig.uniform(16, 16)
+    o = attention(q, k, v, impl="pallas", interpret=True, block_sizes=cfg)
+    assert o.shape == q.shape
+    assert_close("o", o, attention_xla(q, k, v, scale=dim**-0.5), 1e-5)
+    o2, to = flash_with_tangent(q, k, v, tq, tk, tv, interpret=True, block_sizes=cfg)
+    ref_o, ref_to = jax.jvp(lambda a, b, c: attention_xla(a, b, c, scale=dim**-0.5), (q, k, v), (tq, tk, tv))
+    assert_close("o", o2, ref_o, 1e-5)
+    assert_close("t_o", to, ref_to, 1e-5)

@@ -1,0 +1,148 @@
+"""The pure training step: EMAs, non-finite skipping, clipping, sharded == single-device."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tvm_jax import sharding as shd
+from tvm_jax.config import load_config_file, objective_config
+from tvm_jax.objectives import make_objective
+from tvm_jax.trainer import build_network
+from tvm_jax.training import init_train_state, make_optimizer, make_train_step
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def _gmm_config(**train):
+    c = load_config_file(os.path.join(CONFIGS, "gmm.py"))
+    c.model.mlp_width, c.model.mlp_depth = 32, 2
+    c.train.global_batch_size = 16
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def _dit_config():
+    c = load_config_file(os.path.join(CONFIGS, "digits.py"))
+    c.model.hidden_size, c.model.depth, c.model.num_heads, c.model.patch_size = 32, 2, 2, 4
+    c.model.attention_impl = "xla"
+    c.train.global_batch_size = 8
+    return c
+
+
+def _setup(config, mesh=None):
+    net = build_network(config, mesh)
+    opt = make_optimizer(config)
+    step = make_train_step(net.apply, make_objective(objective_config(config)), opt,
+                           ema_decay=config.ema.decay, target_decay=config.ema.target_decay)
+    return net, opt, step
+
+
+def _batch(config, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, *config.data.shape)).astype(np.float32),
+            "label": rng.integers(0, config.data.num_classes, n).astype(np.int32)}
+
+
+def test_ema_updates_and_step_counter():
+    c = _gmm_config()
+    c.ema.decay, c.ema.target_decay = 0.9, 0.5
+    net, opt, step = _setup(c)
+    state = init_train_state(net.params, opt, seed=0)
+    new, metrics = jax.jit(step)(state, _batch(c, 16))
+    assert int(new.step) == 1 and int(metrics["skipped"]) == 0
+    for old_p, new_p, ema, tgt in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params),
+                                      jax.tree.leaves(new.ema_params), jax.tree.leaves(new.target_params)):
+        np.testing.assert_allclose(ema, 0.9 * old_p + 0.1 * new_p, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(tgt, 0.5 * old_p + 0.5 * new_p, rtol=1e-6, atol=1e-7)
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)))
+
+
+def test_target_decay_zero_means_no_ema_target():
+    c = _gmm_config()
+    c.ema.target_decay = 0.0
+    net, opt, step = _setup(c)
+    new, _ = jax.jit(step)(init_train_state(net.params, opt, 0), _batch(c, 16))
+    for p, t in zip(jax.tree.leaves(new.params), jax.tree.leaves(new.target_params)):
+        np.testing.assert_array_equal(p, t)
+
+
+def test_non_finite_step_is_skipped_counted_and_recovered():
+    c = _gmm_config()
+    net, opt, step = _setup(c)
+    step = jax.jit(step)
+    state = init_train_state(net.params, opt, 0)
+    state, _ = step(state, _batch(c, 16, 1))
+    bad = _batch(c, 16, 2)
+    bad["x"][3, 0] = np.nan
+    after, metrics = step(state, bad)
+    assert int(metrics["skipped"]) == 1 and int(after.skipped) == 1 and int(after.consecutive_skipped) == 1
+    assert int(after.step) == int(state.step) + 1
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state, state.ema_params, state.target_params)),
+                    jax.tree.leaves((after.params, after.opt_state, after.ema_params, after.target_params))):
+        np.testing.assert_array_equal(a, b)
+    recovered, metrics = step(after, _batch(c, 16, 3))
+    assert int(metrics["skipped"]) == 0 and int(recovered.consecutive_skipped) == 0 and int(recovered.skipped) == 1
+
+
+def test_gradient_clipping_is_applied():
+    c = _gmm_config()
+    c.optimizer.max_grad_norm = 1e-3
+    c.optimizer.lr = 1.0
+    c.optimizer.eps = 1.0  # makes Adam's first step proportional to the (clipped) gradient
+    clipped = make_optimizer(c)
+    grads = {"w": jnp.full((4,), 3.0)}
+    updates, _ = clipped.update(grads, clipped.init({"w": jnp.zeros(4)}), {"w": jnp.zeros(4)})
+    c.optimizer.max_grad_norm = None
+    plain = make_optimizer(c)
+    updates_plain, _ = plain.update(grads, plain.init({"w": jnp.zeros(4)}), {"w": jnp.zeros(4)})
+    # first Adam step = g / (|g| + eps): ~1e-3/2 per element when clipped to global norm 1e-3, 3/4 unclipped
+    np.testing.assert_allclose(updates["w"], -(5e-4 / (5e-4 + 1.0)), rtol=1e-3)
+    np.testing.assert_allclose(updates_plain["w"], -0.75, rtol=1e-3)
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_sharded_step_equals_single_device_step(fsdp, monkeypatch):
+    """A DiT step over a (data, fsdp) mesh of 4 CPU devices equals the 1-device step."""
+    assert len(jax.devices()) >= 4, "conftest.py provides 4 CPU devices"
+    monkeypatch.setattr(shd, "MIN_SHARD_SIZE", 1024)  # so that the tiny test DiT gets sharded
+    c = _dit_config()
+    c.mesh.fsdp = fsdp
+    batch = _batch(c, 8, 5)
+
+    def run(mesh):
+        with jax.set_mesh(mesh):
+            net, opt, step = _setup(c, mesh)
+            init = lambda p: init_train_state(p, opt, 0)  # noqa: E731
+            state_sh = shd.state_shardings(jax.eval_shape(init, net.params), mesh)
+            state = jax.jit(init, out_shardings=state_sh)(net.params)
+            jstep = jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh)), out_shardings=(state_sh, None))
+            for _ in range(2):
+                state, metrics = jstep(state, shd.global_batch(batch, mesh))
+            return state, metrics
+
+    mesh4 = shd.make_mesh(fsdp, jax.devices()[:4])
+    state4, m4 = run(mesh4)
+    state1, m1 = run(shd.make_mesh(1, jax.devices()[:1]))
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(state4.params), jax.tree.leaves(state1.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
+    if fsdp > 1:
+        big = [a for a in jax.tree.leaves(state4.params) if a.size >= shd.MIN_SHARD_SIZE]
+        assert big, "the test model must have parameters large enough to shard"
+        for a in big:
+            assert "fsdp" in str(a.sharding.spec), a.shape
+            assert a.addressable_shards[0].data.size == a.size // fsdp
+
+
+def test_param_spec_rules():
+    assert shd.param_spec((1152, 4608), 4) == jax.sharding.PartitionSpec(None, "fsdp")
+    assert shd.param_spec((28, 1152, 4608), 4, stacked=True) == jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert shd.param_spec((64,), 4) == jax.sharding.PartitionSpec()  # small: replicated
+    assert shd.param_spec((1001, 1153), 4) == jax.sharding.PartitionSpec()  # indivisible: replicated
+    assert shd.param_spec((1152, 4608), 1) == jax.sharding.PartitionSpec()
+    with pytest.raises(ValueError, match="mesh.fsdp"):
+        shd.make_mesh(3, jax.devices()[:4])
