@@ -44,7 +44,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 import numpy as np
 
@@ -55,7 +54,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels import AttentionConfig, KernelConfig, attention, default_config  # noqa: E402
+from kernels import AttentionConfig, KernelConfig, attention  # noqa: E402
 from kernels import auto as auto_table  # noqa: E402
 from kernels.config import KERNEL_NAMES, padded_head_dim  # noqa: E402
 

@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tvm_jax.flow_map import flow_map, output_scale, per_sample  # noqa: E402
+from tvm_jax.flow_map import flow_map, per_sample  # noqa: E402
 from tvm_jax.sampling import euler_sample, flow_map_sample  # noqa: E402
 from tvm_jax.training import TrainState, init_train_state, make_optimizer, make_train_step  # noqa: E402
 
@@ -214,6 +214,26 @@ def _git_state() -> dict[str, Any] | None:
         return None
 
 
+def _platform_version() -> str | None:
+    """The backend's version string (CUDA/driver versions on GPU)."""
+    try:
+        return str(jax.devices()[0].client.platform_version)
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+
+
+def _nvidia_smi() -> list[str] | None:
+    """``name, driver, memory`` of each GPU from nvidia-smi (None without one)."""
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def run_metadata(argv: list[str]) -> dict[str, Any]:
     import flax
     import optax
@@ -229,6 +249,9 @@ def run_metadata(argv: list[str]) -> dict[str, Any]:
             "platform": platform.platform(),
             "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()],
+            "device_kind": jax.devices()[0].device_kind,
+            "platform_version": _platform_version(),
+            "nvidia_smi": _nvidia_smi(),
         },
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__
                      if hasattr(jax, "lib") and hasattr(jax.lib, "__version__") else None,

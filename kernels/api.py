@@ -93,7 +93,7 @@ def _resolve_interpret(interpret) -> bool:
     return bool(interpret)
 
 
-def _resolve_config(block_sizes, head_dim: int) -> AttentionConfig:
+def _resolve_config(block_sizes, head_dim: int, dtype=None) -> AttentionConfig:
     if block_sizes is None:
         block_sizes = AttentionConfig()
     elif isinstance(block_sizes, dict):
@@ -102,7 +102,7 @@ def _resolve_config(block_sizes, head_dim: int) -> AttentionConfig:
         raise ValueError(
             f"block_sizes must be None, an AttentionConfig or a dict, got {type(block_sizes).__name__}"
         )
-    return block_sizes.resolve(head_dim)
+    return block_sizes.resolve(head_dim, dtype)
 
 
 def _check_impl(impl) -> str:
@@ -253,7 +253,7 @@ def attention(
         return attention_xla(q, k, v, scale=scale)
 
     interpret = _resolve_interpret(interpret)
-    cfg = _resolve_config(block_sizes, head_dim)
+    cfg = _resolve_config(block_sizes, head_dim, q.dtype)
     st, q_pad, k_pad, d_pad = _plan(
         q.shape[1], k.shape[1], head_dim, cfg, _JVP_KERNELS if jvp else _PLAIN_KERNELS,
         scale, interpret, q.dtype,
@@ -290,7 +290,7 @@ def flash_with_tangent(
     head_dim = q.shape[3]
     scale = _resolve_scale(scale, head_dim)
     interpret = _resolve_interpret(interpret)
-    cfg = _resolve_config(block_sizes, head_dim)
+    cfg = _resolve_config(block_sizes, head_dim, q.dtype)
     st, q_pad, k_pad, d_pad = _plan(
         q.shape[1], k.shape[1], head_dim, cfg, _JVP_KERNELS, scale, interpret, q.dtype
     )

@@ -43,6 +43,8 @@ sweep candidates in ``bench/attention.py`` cover the spill-free alternatives.
 """
 from __future__ import annotations
 
+import numpy as np
+
 import dataclasses
 from typing import Optional
 
@@ -117,9 +119,9 @@ class AttentionConfig:
         kc = KernelConfig(block_q, block_k, num_warps, num_stages)
         return cls(**{name: kc for name in KERNEL_NAMES})
 
-    def resolve(self, head_dim: int) -> "AttentionConfig":
-        """Fills every ``None`` field with the default for ``head_dim``."""
-        default = default_config(head_dim)
+    def resolve(self, head_dim: int, dtype=None) -> "AttentionConfig":
+        """Fills every ``None`` field with the default for ``head_dim`` (and input ``dtype``)."""
+        default = default_config(head_dim, dtype)
         return AttentionConfig(
             **{name: getattr(self, name) or getattr(default, name) for name in KERNEL_NAMES}
         )
@@ -161,13 +163,13 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(32, 64, 8, 2),  # ~116 B spill; 64x32 is spill-free but uses mma.sync
         jvp_bwd_q=_kc(128, 32, 8, 2),  # 206 regs
     ),
-    128: AttentionConfig(
-        fwd=_kc(128, 64, 8, 3),  # 205 regs
-        bwd_kv=_kc(32, 128, 8, 2),  # 253 regs
-        bwd_q=_kc(128, 64, 8, 2),  # 165 regs
-        jvp_fwd=_kc(64, 64, 8, 2),  # ~56 B spill; 64x32 w8 s3 is spill-free
-        jvp_bwd_kv=_kc(32, 64, 8, 2),  # ~600 B spill; 64x32 is spill-free but uses mma.sync
-        jvp_bwd_q=_kc(64, 32, 8, 2),  # 249 regs
+    128: AttentionConfig(  # the best of `bench/attention.py --sweep` at (1, 24, 4096, 128) on an H200
+        fwd=_kc(128, 64, 8, 3),  # (bench/results/attention_sweep_h200.json): 24.1 -> 8.7 ms fwd+tangent+bwd
+        bwd_kv=_kc(32, 128, 8, 3),
+        bwd_q=_kc(128, 32, 8, 2),
+        jvp_fwd=_kc(128, 64, 8, 2),
+        jvp_bwd_kv=_kc(64, 32, 8, 3),
+        jvp_bwd_q=_kc(128, 32, 8, 3),
     ),
     256: AttentionConfig(
         fwd=_kc(64, 32, 8, 2),
@@ -185,9 +187,26 @@ def padded_head_dim(head_dim: int) -> int:
     return max(MIN_BLOCK, next_pow2(head_dim))
 
 
-def default_config(head_dim: int) -> AttentionConfig:
-    """Default :class:`AttentionConfig` for a head dim (1..256; uses the padded dim)."""
+# fp32 inputs take twice the shared memory per tile: at head dim 128 the H200-tuned tiles above
+# exceed the 227 KiB per block, so 4-byte inputs keep the smaller, compile-checked tiles.
+_DEFAULTS_4BYTE = {
+    128: AttentionConfig(
+        fwd=_kc(128, 64, 8, 3),
+        bwd_kv=_kc(32, 128, 8, 2),
+        bwd_q=_kc(128, 64, 8, 2),
+        jvp_fwd=_kc(64, 64, 8, 2),
+        jvp_bwd_kv=_kc(32, 64, 8, 2),
+        jvp_bwd_q=_kc(64, 32, 8, 2),
+    ),
+}
+
+
+def default_config(head_dim: int, dtype=None) -> AttentionConfig:
+    """Default :class:`AttentionConfig` for a head dim (1..256; uses the padded dim) and input
+    dtype (None: 2-byte inputs)."""
     if not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be an int in [1, {MAX_HEAD_DIM}], got {head_dim!r}")
-    dp = padded_head_dim(head_dim)
-    return _DEFAULTS[max(64, dp)]
+    dp = max(64, padded_head_dim(head_dim))
+    if dtype is not None and np.dtype(dtype).itemsize >= 4 and dp in _DEFAULTS_4BYTE:
+        return _DEFAULTS_4BYTE[dp]
+    return _DEFAULTS[dp]

@@ -81,9 +81,10 @@ class Checkpointer:
         stored = meta.get("signature", {})
         diff = sorted(k for k in expected if stored.get(k) != expected[k])
         if diff:
+            details = "; ".join(d for k in diff for d in _differences(stored.get(k, "<missing>"), expected[k], k))
             raise CheckpointError(
-                f"checkpoint {where} was written with different settings for {diff}; refusing to resume (nothing "
-                "was changed in the workdir). Use a new --workdir, or the original config.")
+                f"checkpoint {where} was written with different settings for {diff} ({details}); refusing to resume "
+                "(nothing was changed in the workdir). Use a new --workdir, or the original config.")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -98,6 +99,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _differences(stored, expected, name: str) -> list[str]:
+    """``"name.field: checkpoint X, config Y"`` for every leaf where two signatures differ."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        return [d for k in sorted(set(stored) | set(expected))
+                for d in _differences(stored.get(k, "<missing>"), expected.get(k, "<missing>"), f"{name}.{k}")]
+    return [] if stored == expected else [f"{name}: checkpoint {stored!r}, config {expected!r}"]
 
 
 def abstract_like(tree, shardings=None):

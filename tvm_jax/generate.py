@@ -36,6 +36,7 @@ class LoadedModel:
     is_latent: bool
     description: str
     default_w: float | None = None
+    step: int | None = None  # training step of a workdir checkpoint (None for exported models)
 
 
 def load_for_sampling(config, *, checkpoint: str | None, workdir: str | None, weights: str = "ema",
@@ -75,12 +76,15 @@ def load_for_sampling(config, *, checkpoint: str | None, workdir: str | None, we
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, config=config, async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first, or pass --checkpoint")
-    state, step = ckpt.restore(abstract_like(abstract), None)
+    # Restore onto this process's first device, whatever mesh the run was trained on (a run of
+    # 8 GPUs can be sampled on one); the sampler replicates or shards from there.
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state, step = ckpt.restore(abstract_like(abstract, jax.tree.map(lambda _: one, abstract)), None)
     ckpt.close()
     params = state.ema_params if weights == "ema" else state.params
     return LoadedModel(net.apply, params, config.data.num_classes, net.sample_shape, config.objective.scaled_param,
                        is_latent=config.data.source == "latents",
-                       description=f"{weights} weights of {workdir} at step {step}")
+                       description=f"{weights} weights of {workdir} at step {step}", step=int(step))
 
 
 def parse_classes(spec: str, count: int, num_classes: int, seed: int) -> np.ndarray:
@@ -162,4 +166,4 @@ def make_decoder(config):
     from tvm_jax.vae import decode_batched, load_vae
 
     vae = load_vae(path)
-    return lambda z: np.asarray(decode_batched(vae, denormalize_latents(z, config)))
+    return lambda z: np.asarray(decode_batched(vae, denormalize_latents(z, config), batch_size=16))

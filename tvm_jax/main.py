@@ -7,9 +7,15 @@ r"""tvm-jax command line: train, sample, evaluate or export a model.
   python -m tvm_jax.main --mode=evaluate --config=configs/gmm.py --workdir=runs/gmm
   python -m tvm_jax.main --mode=export --config=configs/digits.py --workdir=runs/digits --out=exported/digits
 
-Any config field can be overridden as ``--config.a.b=value``. Multi-host jobs (SLURM, or
-``--coordinator_address``/``--num_processes``/``--process_id``) initialise ``jax.distributed``
-before anything touches a device; see ``launch/``.
+Any config field can be overridden as ``--config.a.b=value``.
+
+Exit status: 0 on success; 2 for a configuration, data, workdir or checkpoint problem (the
+message says which; what can be checked up front is checked before anything is compiled);
+128 + the signal number (143 for SIGTERM, 130 for SIGINT) when training was stopped by a signal,
+after saving a checkpoint of the step reached (rerun the same command to resume).
+
+Multi-host jobs (SLURM, or ``--coordinator_address``/``--num_processes``/``--process_id``)
+initialise ``jax.distributed`` before anything touches a device; see ``launch/``.
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     from tvm_jax import sharding
+    from tvm_jax.checkpointing import CheckpointError
 
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
@@ -89,7 +96,7 @@ def main(argv):
             print(json.dumps(results, indent=2))
         elif mode == "export":
             _export(config)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -98,6 +105,12 @@ def main(argv):
 def _sample(config) -> None:
     from tvm_jax import generate
 
+    out_dir = _OUT.value or os.path.join(_WORKDIR.value or _CHECKPOINT.value or ".", "sampled")
+    if not _OVERWRITE.value:  # fail before loading and sampling (generate.write_outputs checks again)
+        existing = [os.path.join(out_dir, f"samples_{n}step.{ext}") for n in _steps(config) for ext in ("png", "npz")]
+        existing = [p for p in existing if os.path.exists(p)]
+        if existing:
+            raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace sample outputs in {out_dir}")
     model = generate.load_for_sampling(config, checkpoint=_CHECKPOINT.value, workdir=_WORKDIR.value,
                                        weights=_WEIGHTS.value)
     if _W.value is not None:
@@ -109,7 +122,6 @@ def _sample(config) -> None:
     if _NUM.value < 1:
         raise ValueError(f"--num must be positive, got {_NUM.value}")
     labels = generate.parse_classes(_CLASSES.value, _NUM.value, model.num_classes, _SEED.value)
-    out_dir = _OUT.value or os.path.join(_WORKDIR.value or _CHECKPOINT.value, "sampled")
     logging.info("Sampling %d images from %s at %s steps, w = %g", _NUM.value, model.description, _steps(config), w)
     samples = generate.sample(model, steps=_steps(config), w=w, labels=labels, seed=_SEED.value)
     decode = generate.make_decoder(config) if model.is_latent else None
@@ -132,5 +144,25 @@ def _export(config) -> None:
     logging.info("Exported %s to %s", model.description, _OUT.value)
 
 
+def _parse_flags(argv):
+    """absl's parser, plus a one-line error (exit status 2) for a ``--config.a.b=value`` override of
+    a field the config does not have (ml_collections raises KeyError/AttributeError, with a
+    did-you-mean suggestion, instead of a flags error)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:
+        cause = e
+        while cause.args and isinstance(cause.args[0], BaseException):  # AttributeError(KeyError(message))
+            cause = cause.args[0]
+        message = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
+        key = message.split("\n")[0].strip("'\"")
+        flag = next((a.split("=")[0] for a in argv[1:]
+                     if a.startswith("--config.") and key in a.split("=")[0].split(".")[1:]), None)
+        if flag is None:  # not an override (e.g. a bug in the config file itself)
+            raise
+        print(f"error: {flag}: the config has no field {message.replace(chr(10), '; ')}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

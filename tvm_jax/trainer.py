@@ -11,12 +11,12 @@ Periodic work: a log line with the loss terms, gradient norm, skipped steps, ima
 every ``train.log_every`` steps (clu ``ReportProgress`` adds its own progress notes); sample
 grids from the EMA weights at ``sample.steps`` NFE every ``train.sample_every`` steps (PNG files
 in ``WORKDIR/samples`` and TensorBoard images); checkpoints every ``train.checkpoint_every``
-steps and at the end. SIGTERM/SIGINT save a checkpoint before exiting.
+steps and at the end. SIGTERM/SIGINT save a checkpoint of the step reached, then raise
+``SystemExit(128 + signal number)`` (exit status 143 for SIGTERM); rerunning resumes from it.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import signal
 import tempfile

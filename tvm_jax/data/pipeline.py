@@ -21,6 +21,7 @@ Sharding: records are split over JAX processes (``ShardByJaxProcess``); every pr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
@@ -49,12 +50,23 @@ class ArraySource(grain.sources.RandomAccessDataSource):
         if len(x) != len(labels):
             raise ValueError(f"{len(x)} examples but {len(labels)} labels")
         self._x, self._labels = x, labels
+        self._repr: str | None = None
 
     def __len__(self) -> int:
         return len(self._x)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"x": self._x[index], "label": np.int32(self._labels[index])}
+
+    def __repr__(self) -> str:
+        # grain checks ``repr(data_source)`` when restoring an iterator: it must be the same in a
+        # new process for the same data (the default repr holds the object's address).
+        if self._repr is None:
+            digest = hashlib.sha256(np.ascontiguousarray(self._x).tobytes())
+            digest.update(np.ascontiguousarray(self._labels).tobytes())
+            self._repr = (f"ArraySource(num_records={len(self._x)}, shape={tuple(self._x.shape[1:])}, "
+                          f"dtype={self._x.dtype}, sha256={digest.hexdigest()[:16]})")
+        return self._repr
 
 
 class _IndexSource(grain.sources.RandomAccessDataSource):
@@ -68,6 +80,9 @@ class _IndexSource(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> int:
         return index
+
+    def __repr__(self) -> str:  # stable across processes (grain validates it on restore)
+        return f"_IndexSource({self._n})"
 
 
 def load_digits(upsample: int = 1) -> tuple[np.ndarray, np.ndarray]:
