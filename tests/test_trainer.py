@@ -595,3 +595,60 @@ def test_latent_dit_resume_across_an_epoch_is_bitwise_exact(latent_runs):
     assert "Training from step 4 to 8" in r["log_resumed"]
     _assert_states_equal(r["state_full"], r["state_resumed"])
     assert _data_position(r["full"], 8) == _data_position(r["resumed"], 8)
+
+
+# ----------------------------------------------------------------------------- VAE-decoded sample grids
+
+TINY_VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [8, 16],
+            "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 4,
+            "sample_size": 16, "scaling_factor": 0.18215}
+
+
+def _tiny_vae_folder(path):
+    import json
+
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from tvm_jax.vae import AutoencoderKL, export_diffusers_state_dict
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(TINY_VAE))
+    save_file(export_diffusers_state_dict(AutoencoderKL.from_config(TINY_VAE, nnx.Rngs(0))),
+              str(path / "diffusion_pytorch_model.safetensors"))
+    return path
+
+
+def test_render_samples_decodes_latents_when_given_a_decoder(tmp_path):
+    from PIL import Image
+
+    c = _latent_config("unused")
+    latents = np.random.default_rng(0).standard_normal((4, 8, 8, 4)).astype(np.float32)
+    seen = []
+
+    def decode(z):
+        seen.append(z.shape)
+        return np.full((z.shape[0], 16, 16, 3), 0.5, np.float32)  # a flat colour: 191 after to_uint8
+
+    grid = trainer.render_samples(c, latents, np.arange(4), str(tmp_path / "g.png"), decode=decode)
+    assert seen == [(4, 8, 8, 4)]
+    png = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
+    assert grid.shape[-1] == 3 and 191 in png and set(np.unique(png)) <= {0, 191, 255}
+    without = trainer.render_samples(c, latents, np.arange(4), str(tmp_path / "l.png"))
+    assert not np.array_equal(without, grid)
+
+
+def test_latent_run_with_a_vae_writes_decoded_grids(latent_dir, tmp_path):
+    vae = _tiny_vae_folder(tmp_path / "vae")
+    c = _latent_config(latent_dir, num_steps=1, **{"data.vae_path": str(vae), "train.sample_every": 1})
+    _, log = _train(c, tmp_path / "run")
+    assert "decoded to pixels with the VAE" in log
+    assert os.path.getsize(tmp_path / "run" / "samples" / "step00000001_1step.png") > 100
+
+
+def test_missing_vae_folder_is_a_preflight_error(latent_dir, tmp_path, no_compilation):
+    c = _latent_config(latent_dir, **{"data.vae_path": str(tmp_path / "no_vae")})
+    with pytest.raises(ValueError, match=r"data\.vae_path: .*no_vae.*config\.json"):
+        trainer.train(c, str(tmp_path / "run"))

@@ -127,6 +127,13 @@ def preflight(config, workdir: str | None) -> pipeline.DatasetInfo:
                          f"({info.description}) has {info.num_classes}")
     shd.check_batch_divisible(config.train.global_batch_size, shd.make_mesh(config.mesh.fsdp))
     pipeline.process_batch_size(config.train.global_batch_size)
+    vae_path = config.data.get("vae_path", "")
+    if config.data.source == "latents" and vae_path:
+        missing = [f for f in ("config.json", "diffusion_pytorch_model.safetensors")
+                   if not os.path.isfile(os.path.join(vae_path, f))]
+        if missing:
+            raise ValueError(f"data.vae_path: {vae_path} is not a diffusers AutoencoderKL folder (missing "
+                             f"{', '.join(missing)})")
     if workdir is not None:
         check_workdir(workdir)
     return info
@@ -149,10 +156,14 @@ def make_samplers(config, apply, null_label: int) -> dict[str, Callable]:
                                      scaled=config.objective.scaled_param) for n in s.steps}
 
 
-def render_samples(config, x: np.ndarray, labels: np.ndarray, path: str, title: str = "") -> np.ndarray:
+def render_samples(config, x: np.ndarray, labels: np.ndarray, path: str, title: str = "",
+                   decode: Callable | None = None) -> np.ndarray:
     """Writes a PNG of samples (image grid, or a scatter plot for vector data); returns the
-    uint8 image for TensorBoard."""
+    uint8 image for TensorBoard. ``decode`` (latents -> pixels in [-1, 1], the VAE) is applied
+    first when given; latents without it show their first three channels."""
     x = np.asarray(x)
+    if decode is not None:
+        x = np.asarray(decode(x))
     if x.ndim == 2:
         image_utils.scatter_png(path, {title or "samples": x}, labels={title or "samples": labels})
         from PIL import Image
@@ -235,6 +246,13 @@ def train(config, workdir: str) -> TrainState:
         progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                                    every_steps=config.train.log_every, every_secs=None)
 
+        decode = None
+        if config.data.source == "latents" and config.data.get("vae_path", ""):
+            from tvm_jax.generate import make_decoder
+
+            decode = make_decoder(config)  # grids in pixels; without a VAE they show latent channels
+            logging.info("Sample grids are decoded to pixels with the VAE in %s", config.data.vae_path)
+
         def write_samples(step: int) -> None:
             images = {}
             for name, sampler in samplers.items():
@@ -242,7 +260,7 @@ def train(config, workdir: str) -> TrainState:
                 path = os.path.join(workdir, "samples", f"step{step:08d}_{name}.png")
                 if jax.process_index() == 0:
                     images[f"samples/{name}"] = render_samples(config, x, np.asarray(grid_labels), path,
-                                                               title=f"step {step}, {name}")[None]
+                                                               title=f"step {step}, {name}", decode=decode)[None]
             writer.write_images(step, images)
             logging.info("Wrote sample grids for step %d (%s)", step, ", ".join(samplers))
 

@@ -139,3 +139,18 @@ def test_lowering_under_mesh_and_inside_user_shard_map():
         # Inside a user's shard_map with the default check_vma=True.
         inner = jax.shard_map(g, in_specs=P("d"), out_specs=P("d"))
         _check(_lower(inner, *(sd,) * 6), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], 64)
+
+
+def test_fp32_at_head_dim_128_takes_the_smaller_tiles():
+    """The H200-tuned head-dim-128 tiles exceed shared memory with 4-byte inputs; fp32 calls must
+    compile with the 4-byte defaults (checked through the launch parameters of every kernel)."""
+    f32, bf16 = default_config(128, jnp.float32), default_config(128, jnp.bfloat16)
+    assert f32 != bf16 and default_config(128) == bf16
+    assert f32.jvp_fwd.block_q * f32.jvp_fwd.block_k < bf16.jvp_fwd.block_q * bf16.jvp_fwd.block_k
+    sd = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.float32)
+
+    def loss(q, k, v):
+        o, to = jax.jvp(lambda a, b, c: attention(a, b, c, jvp=True, **KW), (q, k, v), (q, k, v))
+        return _f32sum(o) + _f32sum(to)
+
+    _check(_lower(jax.grad(loss, argnums=(0, 1, 2)), sd, sd, sd), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], 128, cfg=f32)
