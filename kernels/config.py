@@ -153,7 +153,7 @@ def _kc(bq, bk, w, s):
 # the kernels for sm_90a (Pallas -> TTIR here, then Triton 3.9 + ptxas on the CPU; see
 # "How the defaults were chosen" below): the largest tiles that compile without (or with
 # only a few bytes of) register spills and fit in shared memory. To be confirmed on the GPU
-# with ``bench/attention.py --sweep``.
+# with ``bench/attention.py --sweep`` (done for head dim 128 on an H200; see bench/NOTES.md).
 _DEFAULTS = {
     64: AttentionConfig(
         fwd=_kc(128, 64, 4, 3),  # 252 regs, no spill
