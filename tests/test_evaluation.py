@@ -233,7 +233,7 @@ def test_synthetic_source_is_refused(gmm_run):
 
 
 def test_digits_exported_model(tmp_path, monkeypatch):
-    model_dir = _export_dit(tmp_path / "digits_model", input_size=16, in_channels=1, num_classes=10, patch=4, w=1.5)
+    model_dir = _export_dit(tmp_path / "digits_model", input_size=8, in_channels=1, num_classes=10, patch=2, w=1.5)
     c = _digits_config()
     res = evaluation.evaluate(c, checkpoint=model_dir, steps=[1, 2], seed=0)
     assert res["output"] == os.path.join(model_dir, "eval", "eval_stepexported_w1.5.json")

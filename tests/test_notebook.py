@@ -104,7 +104,7 @@ def _check_common(nb, steps):
     out = _stdout(nb)
     for n in steps:
         assert f"{n} step" in out and "compile" in out
-    assert "display shape: (8, 16, 16, 1)" in out  # 2 classes x 4 samples, digits pixels (no latents message)
+    assert "display shape: (8, 8, 8, 1)" in out  # 2 classes x 4 samples, digits pixels (no latents message)
     assert "No VAE configured" not in out
     return out
 

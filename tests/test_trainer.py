@@ -486,7 +486,7 @@ def test_sample_and_export_cli(digits_runs, tmp_path):
     names = sorted(os.listdir(out))
     assert names == ["samples_1step.npz", "samples_1step.png", "samples_2step.npz", "samples_2step.png"], names
     with np.load(out / "samples_1step.npz") as z:
-        assert z["samples"].shape == (6, 16, 16, 1) and np.all(np.isfinite(z["samples"]))
+        assert z["samples"].shape == (6, 8, 8, 1) and np.all(np.isfinite(z["samples"]))
         np.testing.assert_array_equal(z["labels"], [1, 2, 3, 1, 2, 3])
         from_workdir = z["samples"]
     before = _snapshot(out)

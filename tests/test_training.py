@@ -127,8 +127,11 @@ def test_sharded_step_equals_single_device_step(fsdp, monkeypatch):
     state4, m4 = run(mesh4)
     state1, m1 = run(shd.make_mesh(1, jax.devices()[:1]))
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=2e-5)
+    # Adam divides each gradient by its own running RMS, so an element whose gradient is ~0 moves by
+    # up to ~lr whatever its size: summation-order noise of the sharded reduction can show there at
+    # a few percent of lr (1e-3). atol = 5e-5 allows that and still catches any real divergence.
     for a, b in zip(jax.tree.leaves(state4.params), jax.tree.leaves(state1.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
     if fsdp > 1:
         big = [a for a in jax.tree.leaves(state4.params) if a.size >= shd.MIN_SHARD_SIZE]
         assert big, "the test model must have parameters large enough to shard"
