@@ -600,10 +600,6 @@ def _positive_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def _train_step(model: generate.LoadedModel) -> int | None:
-    return None if model.step is None else int(model.step)
-
-
 def output_path(*, workdir: str | None, checkpoint: str | None, step: int | None, w: float, seed: int = 0,
                 weights: str = "ema") -> str:
     """``WORKDIR/eval/eval_step{STEP}_w{w}.json`` (``stepexported`` and the model directory for
@@ -671,7 +667,7 @@ def evaluate(config, *, workdir: str | None = None, checkpoint: str | None = Non
     model = generate.load_for_sampling(config, checkpoint=checkpoint, workdir=workdir, weights=weights)
     if w is None:
         w = _check_w(config.sample.w)
-    step = None if checkpoint else _train_step(model)
+    step = None if checkpoint else model.step
     path = output_path(workdir=workdir, checkpoint=checkpoint, step=step, w=w, seed=seed, weights=weights)
     if os.path.exists(path) and not overwrite:
         _refuse_existing(path)

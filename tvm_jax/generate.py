@@ -125,16 +125,23 @@ def denormalize_latents(z: np.ndarray, config) -> np.ndarray:
     return (np.asarray(z) - bias) / scale
 
 
-def write_outputs(out_dir: str, samples: dict[int, np.ndarray], labels: np.ndarray, *, config, overwrite: bool,
-                  decode=None) -> list[str]:
-    """PNG grid and ``.npz`` per step count. Refuses to replace existing files unless ``overwrite``."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    targets = {n: (os.path.join(out_dir, f"samples_{n}step.png"), os.path.join(out_dir, f"samples_{n}step.npz"))
-               for n in samples}
+def sample_output_paths(out_dir: str, steps: Sequence[int], *, overwrite: bool) -> dict[int, tuple[str, str]]:
+    """``{steps: (png, npz)}`` that :func:`write_outputs` writes; unless ``overwrite``, raises
+    ``FileExistsError`` if any of them exists (so callers can check before sampling)."""
+    targets = {int(n): (os.path.join(out_dir, f"samples_{n}step.png"), os.path.join(out_dir, f"samples_{n}step.npz"))
+               for n in steps}
     existing = [p for pair in targets.values() for p in pair if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace sample outputs in {out_dir}")
+    return targets
+
+
+def write_outputs(out_dir: str, samples: dict[int, np.ndarray], labels: np.ndarray, *, config, overwrite: bool,
+                  decode=None) -> list[str]:
+    """PNG grid and ``.npz`` per step count. Refuses to replace existing files unless ``overwrite``."""
+    targets = sample_output_paths(out_dir, samples, overwrite=overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
     for n, x in samples.items():
         png, npz = targets[n]
         arrays = {"samples": x, "labels": labels}

@@ -106,11 +106,7 @@ def _sample(config) -> None:
     from tvm_jax import generate
 
     out_dir = _OUT.value or os.path.join(_WORKDIR.value or _CHECKPOINT.value or ".", "sampled")
-    if not _OVERWRITE.value:  # fail before loading and sampling (generate.write_outputs checks again)
-        existing = [os.path.join(out_dir, f"samples_{n}step.{ext}") for n in _steps(config) for ext in ("png", "npz")]
-        existing = [p for p in existing if os.path.exists(p)]
-        if existing:
-            raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace sample outputs in {out_dir}")
+    generate.sample_output_paths(out_dir, _steps(config), overwrite=_OVERWRITE.value)  # fail before sampling
     model = generate.load_for_sampling(config, checkpoint=_CHECKPOINT.value, workdir=_WORKDIR.value,
                                        weights=_WEIGHTS.value)
     if _W.value is not None:

@@ -127,13 +127,14 @@ def preflight(config, workdir: str | None) -> pipeline.DatasetInfo:
                          f"({info.description}) has {info.num_classes}")
     shd.check_batch_divisible(config.train.global_batch_size, shd.make_mesh(config.mesh.fsdp))
     pipeline.process_batch_size(config.train.global_batch_size)
-    vae_path = config.data.get("vae_path", "")
-    if config.data.source == "latents" and vae_path:
-        missing = [f for f in ("config.json", "diffusion_pytorch_model.safetensors")
-                   if not os.path.isfile(os.path.join(vae_path, f))]
-        if missing:
-            raise ValueError(f"data.vae_path: {vae_path} is not a diffusers AutoencoderKL folder (missing "
-                             f"{', '.join(missing)})")
+    if config.data.source == "latents" and config.data.get("vae_path", ""):
+        from tvm_jax.vae import CONFIG_NAME, WEIGHTS_NAME, vae_files
+
+        try:
+            vae_files(config.data.vae_path)
+        except FileNotFoundError as e:
+            raise ValueError(f"data.vae_path: {e} (a diffusers AutoencoderKL folder holds {CONFIG_NAME} and "
+                             f"{WEIGHTS_NAME})") from None
     if workdir is not None:
         check_workdir(workdir)
     return info

@@ -571,15 +571,9 @@ def load_diffusers_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.
     return model
 
 
-def load_vae(folder: str | Path, dtype=jnp.float32, *, precision=None) -> AutoencoderKL:
-    """Loads a local diffusers-format ``AutoencoderKL`` folder.
-
-    The folder must hold ``config.json`` and ``diffusion_pytorch_model.safetensors`` (read with
-    ``safetensors.numpy``; no torch). ``dtype`` is the compute dtype; parameters stay float32.
-    ``precision`` goes to every conv/linear (e.g. ``'highest'`` to rule out TF32 on GPUs).
-    Raises ``FileNotFoundError`` for a missing folder/file, ``ValueError`` for an unsupported
-    config, ``KeyError`` for missing/unexpected weight keys, ``ValueError`` for wrong shapes.
-    """
+def vae_files(folder: str | Path) -> tuple[Path, Path]:
+    """``(config.json, weights)`` paths of a diffusers ``AutoencoderKL`` folder; raises
+    ``FileNotFoundError`` naming what is missing (cheap: reads nothing)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"VAE folder not found: {folder}")
@@ -591,6 +585,19 @@ def load_vae(folder: str | Path, dtype=jnp.float32, *, precision=None) -> Autoen
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt"))
         hint = f" (found: {', '.join(others)})" if others else ""
         raise FileNotFoundError(f"VAE folder {folder} has no {WEIGHTS_NAME}{hint}")
+    return cfg_path, w_path
+
+
+def load_vae(folder: str | Path, dtype=jnp.float32, *, precision=None) -> AutoencoderKL:
+    """Loads a local diffusers-format ``AutoencoderKL`` folder.
+
+    The folder must hold ``config.json`` and ``diffusion_pytorch_model.safetensors`` (read with
+    ``safetensors.numpy``; no torch). ``dtype`` is the compute dtype; parameters stay float32.
+    ``precision`` goes to every conv/linear (e.g. ``'highest'`` to rule out TF32 on GPUs).
+    Raises ``FileNotFoundError`` for a missing folder/file, ``ValueError`` for an unsupported
+    config, ``KeyError`` for missing/unexpected weight keys, ``ValueError`` for wrong shapes.
+    """
+    cfg_path, w_path = vae_files(folder)
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
