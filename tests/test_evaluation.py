@@ -25,6 +25,7 @@ from tvm_jax import evaluation, generate, gmm_truth
 from tvm_jax.config import base_config, load_config_file
 from tvm_jax.data import pipeline
 from tvm_jax.sampling import make_sampler
+from weight_fixtures import random_inception_state_dict, write_vae_folder
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 TRAIN_STEPS = 20
@@ -313,55 +314,14 @@ def test_low_rank_frechet_distance_matches_fid_module():
 
 
 def _write_random_vae(folder):
-    from flax import nnx
-    from safetensors.numpy import save_file
-
-    from tvm_jax import vae as vae_lib
-
-    config = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
-              "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-              "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [16, 32],
-              "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 8,
-              "sample_size": 16, "scaling_factor": 0.18215}
-    model = nnx.eval_shape(lambda: vae_lib.AutoencoderKL.from_config(config, nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    sd = {}
-    for k, (_, shape, _) in vae_lib._module_param_table(model).items():
-        if len(shape) >= 2:
-            sd[k] = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        elif k.endswith("weight"):
-            sd[k] = 1.0 + 0.2 * rng.standard_normal(shape)
-        else:
-            sd[k] = 0.1 * rng.standard_normal(shape)
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
-    return str(folder)
+    return str(write_vae_folder(folder))
 
 
 def _write_random_inception(path):
     """Random FID-Inception weights (He-scaled convs, random BatchNorm statistics)."""
-    from flax import nnx
     from safetensors.numpy import save_file
 
-    from tvm_jax import inception as inc
-
-    model = nnx.eval_shape(lambda: inc.FIDInceptionV3(rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    sd = {}
-    for k, (_, shape, _) in inc._variable_table(model).items():
-        if k.endswith("conv.weight"):
-            v = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-        elif k.endswith("bn.weight"):
-            v = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif k.endswith("bn.bias"):
-            v = 0.1 * rng.standard_normal(shape)
-        elif k.endswith("running_mean"):
-            v = 0.2 * rng.standard_normal(shape)
-        else:
-            v = rng.uniform(0.5, 2.0, shape)
-        sd[k] = v.astype(np.float32)
-    save_file(sd, str(path))
+    save_file(random_inception_state_dict(), str(path))
     return str(path)
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from tvm_jax import inception as inc
+from weight_fixtures import inception_shapes, random_inception_state_dict
 from tvm_jax.fid import (
     InceptionFeatures,
     compute_statistics,
@@ -44,36 +45,13 @@ from tvm_jax.fid import (
 # --------------------------------------------------------------------------------------
 
 
-def _expected_shapes() -> dict[str, tuple]:
-    model = nnx.eval_shape(lambda: inc.FIDInceptionV3(rngs=nnx.Rngs(0)))
-    return {k: shape for k, (_, shape, _) in inc._variable_table(model).items()}
+_expected_shapes = inception_shapes
 
 
 def _random_inception_state_dict(seed=0) -> dict[str, np.ndarray]:
-    """He-scaled conv weights, random BatchNorm affine and running statistics, plus the
-    extra entries of the real pytorch-fid file (fc, num_batches_tracked) that must be ignored."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for k, shape in _expected_shapes().items():
-        if k.endswith("conv.weight"):
-            fan_in = int(np.prod(shape[1:]))
-            v = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-        elif k.endswith("bn.weight"):
-            v = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif k.endswith("bn.bias"):
-            v = 0.1 * rng.standard_normal(shape)
-        elif k.endswith("running_mean"):
-            v = 0.2 * rng.standard_normal(shape)
-        elif k.endswith("running_var"):
-            v = rng.uniform(0.5, 2.0, shape)
-        else:  # pragma: no cover
-            raise AssertionError(k)
-        sd[k] = v.astype(np.float32)
-        if k.endswith("running_var"):
-            sd[k.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
-    sd["fc.weight"] = (0.01 * rng.standard_normal((1008, 2048))).astype(np.float32)
-    sd["fc.bias"] = np.zeros((1008,), np.float32)
-    return sd
+    """Random weights plus the extra entries of the real pytorch-fid file (fc,
+    num_batches_tracked) that must be ignored."""
+    return random_inception_state_dict(seed, torch_extras=True)
 
 
 @pytest.fixture(scope="module")

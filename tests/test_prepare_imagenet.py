@@ -15,30 +15,17 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
-from safetensors.numpy import save_file
 
 from tvm_jax.data import prepare_imagenet as prep
 from tvm_jax.data import records
-from tvm_jax.vae import AutoencoderKL, export_diffusers_state_dict, load_vae
+from tvm_jax.vae import load_vae
+from weight_fixtures import TINY_VAE_CONFIG, write_vae_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
 LATENT_SHAPE = (8, 8, 4)
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "sample_size": 16,
-}
+VAE_CONFIG = TINY_VAE_CONFIG
 CLASSES = ["n01_cat", "n02_dog", "n03_fox", "n04_empty"]
 # (relative path, label) of every candidate file, in the tool's order; None marks the bad ones.
 GOOD = ["n01_cat/a.jpg", "n01_cat/b.png", "n01_cat/c.JPEG", "n01_cat/d.png",
@@ -91,20 +78,6 @@ def make_image_folder(root):
     return root
 
 
-def write_vae_folder(path, seed=0):
-    model = AutoencoderKL.from_config(VAE_CONFIG, nnx.Rngs(seed))
-    state = export_diffusers_state_dict(model)
-    rng = np.random.default_rng(seed)
-    for k, v in state.items():  # perturb the norms' affine parameters (default init is 1 / 0)
-        if v.ndim == 1:
-            state[k] = (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(VAE_CONFIG, f)
-    save_file(state, os.path.join(path, "diffusion_pytorch_model.safetensors"))
-    return path
-
-
 def read_shards(out):
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -144,7 +117,7 @@ def src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    return write_vae_folder(str(tmp_path_factory.mktemp("vae") / "tiny"))
+    return str(write_vae_folder(tmp_path_factory.mktemp("vae") / "tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +360,7 @@ def test_refuses_changed_settings_and_inputs(tmp_path, src, vae_dir, capsys):
         prep.prepare(str(src), str(out), 32, str(vae_dir), shard_size=4)
     with pytest.raises(prep.PrepareError, match="input file list changed"):
         prep.prepare(str(src), str(out), SIZE, str(vae_dir), shard_size=4, limit=3)
-    other_vae = write_vae_folder(str(tmp_path / "other_vae"), seed=1)
+    other_vae = str(write_vae_folder(tmp_path / "other_vae", seed=1))
     with pytest.raises(prep.PrepareError, match="vae_sha256"):
         prep.prepare(str(src), str(out), SIZE, other_vae, shard_size=4)
     assert shard_bytes(out) == before  # nothing was touched

@@ -32,6 +32,7 @@ from tvm_jax import trainer
 from tvm_jax.checkpointing import CheckpointError
 from tvm_jax.config import load_config_file
 from tvm_jax.data import pipeline, records
+from weight_fixtures import write_vae_folder
 
 # After a failed restore of a corrupt checkpoint, tensorstore completes its outstanding reads on
 # an asyncio loop orbax has already closed ("Event loop is closed", reported from a background
@@ -599,28 +600,6 @@ def test_latent_dit_resume_across_an_epoch_is_bitwise_exact(latent_runs):
 
 # ----------------------------------------------------------------------------- VAE-decoded sample grids
 
-TINY_VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [8, 16],
-            "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 4,
-            "sample_size": 16, "scaling_factor": 0.18215}
-
-
-def _tiny_vae_folder(path):
-    import json
-
-    from flax import nnx
-    from safetensors.numpy import save_file
-
-    from tvm_jax.vae import AutoencoderKL, export_diffusers_state_dict
-
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(TINY_VAE))
-    save_file(export_diffusers_state_dict(AutoencoderKL.from_config(TINY_VAE, nnx.Rngs(0))),
-              str(path / "diffusion_pytorch_model.safetensors"))
-    return path
-
-
 def test_render_samples_decodes_latents_when_given_a_decoder(tmp_path):
     from PIL import Image
 
@@ -641,7 +620,7 @@ def test_render_samples_decodes_latents_when_given_a_decoder(tmp_path):
 
 
 def test_latent_run_with_a_vae_writes_decoded_grids(latent_dir, tmp_path):
-    vae = _tiny_vae_folder(tmp_path / "vae")
+    vae = write_vae_folder(tmp_path / "vae")
     c = _latent_config(latent_dir, num_steps=1, **{"data.vae_path": str(vae), "train.sample_every": 1})
     _, log = _train(c, tmp_path / "run")
     assert "decoded to pixels with the VAE" in log

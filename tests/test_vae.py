@@ -18,6 +18,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from tvm_jax import vae as vae_lib
+from weight_fixtures import random_vae_state_dict, vae_keys_shapes, write_vae_folder
 from tvm_jax.vae import (
     AutoencoderKL,
     VAEConfig,
@@ -44,36 +45,17 @@ SMALL_CONFIG = {
 }
 
 
-def _random_state_dict(keys_shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
-    """Random diffusers-layout weights: fan-in scaled convs/linears, perturbed norm affines."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for k, shape in keys_shapes.items():
-        if len(shape) >= 2:
-            fan_in = int(np.prod(shape[1:]))
-            out[k] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-        elif k.endswith("weight"):  # group norm scale
-            out[k] = (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            out[k] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return out
-
-
 def _expected_keys_shapes(config=SMALL_CONFIG) -> dict[str, tuple]:
-    model = nnx.eval_shape(lambda: AutoencoderKL.from_config(config, nnx.Rngs(0)))
-    return {k: shape for k, (_, shape, _) in vae_lib._module_param_table(model).items()}
+    return vae_keys_shapes(config)
 
 
 def _write_folder(path, state_dict, config=SMALL_CONFIG):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    save_file(state_dict, str(path / "diffusion_pytorch_model.safetensors"))
-    return path
+    return write_vae_folder(path, state_dict, config)
 
 
 @pytest.fixture(scope="module")
 def small_state_dict():
-    return _random_state_dict(_expected_keys_shapes(), seed=0)
+    return random_vae_state_dict(_expected_keys_shapes(), seed=0)
 
 
 @pytest.fixture(scope="module")
