@@ -83,6 +83,13 @@ class TrainResult:
     compile_seconds: float  # wall time of the first step (compilation + one step)
     steps: int
 
+    def summary(self) -> dict[str, Any]:
+        """The JSON record of a run's training (both benchmarks store it as ``"train"``)."""
+        return {"steps": self.steps, "seconds": self.train_seconds, "compile_seconds": self.compile_seconds,
+                "sec_per_step": self.train_seconds / max(self.steps - 1, 1), "skipped_steps": self.skipped,
+                "nonfinite_loss_steps": self.nonfinite_loss_steps, "loss_curve": self.losses,
+                "final_metrics": self.metrics_last}
+
 
 def train(apply, loss_fn, params, *, steps: int, batches: Iterator[dict], opt: OptConfig, ema_decay: float,
           target_decay: float, seed: int, log_every: int = 100, verbose: bool = True,
@@ -279,6 +286,16 @@ def to_jsonable(obj):
     if isinstance(obj, (np.bool_,)):
         return bool(obj)
     return obj
+
+
+def save_figure(fig, path: str, dpi: int) -> None:
+    """Lays out, writes (creating the folder) and closes a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def write_json(path: str, payload: dict) -> None:

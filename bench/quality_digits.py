@@ -332,10 +332,7 @@ def plot_grids(path: str, name: str, grids: dict, ev: dict, labels: np.ndarray, 
     for ax, (title, im) in zip(axes[0], cols):
         _show(ax, title, im, real.shape[1])
     fig.suptitle(f"{name}: conditional samples (same noise for every run), rows = classes 0-9", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    qc.save_figure(fig, path, dpi=120)
     return path
 
 
@@ -365,10 +362,7 @@ def plot_sample_rows(path: str, grids_by_run: dict, evals: dict, steps_by_run: d
                   grid_image(grids_by_run[name][(w, n)], labels, per_class), real.shape[1])
     fig.suptitle("digits: conditional samples (same noise for every run), rows of each grid = classes 0-9",
                  fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    qc.save_figure(fig, path, dpi=90)
     return path
 
 
@@ -401,10 +395,7 @@ def plot_curves(path: str, results: dict, floor_fd: float, clf_acc: float, ws, t
             axes[i, j].grid(True, which="both", alpha=0.3)
             axes[i, j].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    qc.save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- main
@@ -565,10 +556,7 @@ def main(argv=None):
         results[name] = {
             "description": spec.description, "objective": spec.objective, "kind": spec.kind,
             "lipschitz": spec.lipschitz, "target_decay": spec.target_decay, "seed": seed, "eval": ev,
-            "train": {"steps": tr.steps, "seconds": tr.train_seconds, "compile_seconds": tr.compile_seconds,
-                      "sec_per_step": tr.train_seconds / max(tr.steps - 1, 1), "skipped_steps": tr.skipped,
-                      "nonfinite_loss_steps": tr.nonfinite_loss_steps, "loss_curve": tr.losses,
-                      "final_metrics": tr.metrics_last},
+            "train": tr.summary(),
             "eval_seconds": eval_seconds,
         }
         for w in ws:

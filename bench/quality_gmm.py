@@ -289,10 +289,7 @@ def plot(path: str, results: dict, truth: dict, ws, main_runs, ablation_runs, ti
         for j in range(len(panels), ncols):
             row[j].axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    qc.save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- main
@@ -382,10 +379,7 @@ def main(argv=None):
             "description": spec.description, "objective": spec.objective, "kind": spec.kind,
             "target_decay": spec.target_decay, "seed": seed, "eval": ev,
             "eval_raw_params": {str(w): {k: v for k, v in e.items() if k != "samples_1step"} for w, e in ev_raw.items()},
-            "train": {"steps": tr.steps, "seconds": tr.train_seconds, "compile_seconds": tr.compile_seconds,
-                      "sec_per_step": tr.train_seconds / max(tr.steps - 1, 1), "skipped_steps": tr.skipped,
-                      "nonfinite_loss_steps": tr.nonfinite_loss_steps, "loss_curve": tr.losses,
-                      "final_metrics": tr.metrics_last},
+            "train": tr.summary(),
             "eval_seconds": eval_seconds,
         }
         for w in ws:
