@@ -93,6 +93,13 @@ def _mask_keys(s, start, kv_len: int, block_k: int):
     return jnp.where((cols < kv_len)[None, :], s, -jnp.inf)
 
 
+def _key_block_logits(q, k, start, masked: bool, st):
+    """Base-2 logits ``q k^T * scale * log2(e)`` of one key block (k: (bk, d)); with ``masked``,
+    the padded keys of a ragged last block get -inf."""
+    s = _mm_nt(q, k, st) * st.qk_scale2
+    return _mask_keys(s, start, st.kv_len, k.shape[0]) if masked else s
+
+
 def _loop_over_keys(body, init, kv_len: int, block_k: int):
     """Runs ``body(j, carry, masked)`` over all key blocks holding real keys.
 
@@ -165,9 +172,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, kc: KernelCo
         ks = pl.ds(start, bk)
         k = k_ref[ks, :]
         v = v_ref[ks, :]
-        s = _mm_nt(q, k, st) * st.qk_scale2
-        if masked:
-            s = _mask_keys(s, start, st.kv_len, bk)
+        s = _key_block_logits(q, k, start, masked, st)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -236,7 +241,7 @@ def _bwd_kv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_r
 
 
 def _bwd_q_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st, kc):
-    bq, bk = kc.block_q, kc.block_k
+    bk = kc.block_k
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
@@ -248,9 +253,7 @@ def _bwd_q_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st
         ks = pl.ds(start, bk)
         k = k_ref[ks, :]
         v = v_ref[ks, :]
-        s = _mm_nt(q, k, st) * st.qk_scale2
-        if masked:
-            s = _mask_keys(s, start, st.kv_len, bk)
+        s = _key_block_logits(q, k, start, masked, st)
         p = jnp.exp2(s - lse[:, None])
         dp = _mm_nt(do, v, st)
         ds = p * (dp - delta[:, None])
@@ -322,10 +325,8 @@ def _jvp_fwd_kernel(
         ks = pl.ds(start, bk)
         k = k_ref[ks, :]
         tk = tk_ref[ks, :]
-        s = _mm_nt(q, k, st) * st.qk_scale2
-        ts = (_mm_nt(tq, k, st) + _mm_nt(q, tk, st)) * st.scale
-        if masked:
-            s = _mask_keys(s, start, st.kv_len, bk)  # ts stays finite: padded k, tk are 0
+        s = _key_block_logits(q, k, start, masked, st)
+        ts = (_mm_nt(tq, k, st) + _mm_nt(q, tk, st)) * st.scale  # finite on padded keys: k, tk are 0 there
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -439,7 +440,7 @@ def _jvp_bwd_q_kernel(
     lse_ref, mu_ref, delta_ref, nu_ref,
     dq_ref, dtq_ref, *, st, kc,
 ):  # fmt: skip
-    bq, bk = kc.block_q, kc.block_k
+    bk = kc.block_k
     q = q_ref[...]
     tq = tq_ref[...]
     do = do_ref[...]
@@ -458,9 +459,7 @@ def _jvp_bwd_q_kernel(
         tk = tk_ref[ks, :]
         v = v_ref[ks, :]
         tv = tv_ref[ks, :]
-        s = _mm_nt(q, k, st) * st.qk_scale2
-        if masked:
-            s = _mask_keys(s, start, st.kv_len, bk)
+        s = _key_block_logits(q, k, start, masked, st)
         p = jnp.exp2(s - lse)
         ts = (_mm_nt(tq, k, st) + _mm_nt(q, tk, st)) * st.scale
         dtp = _mm_nt(dto, v, st)
