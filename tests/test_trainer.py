@@ -291,7 +291,7 @@ CORRUPTIONS = {
     "garbled state manifest": lambda step_dir: [_garble(p) for p in glob.glob(f"{step_dir}/state/**/manifest.ocdbt",
                                                                              recursive=True)],
     "garbled run metadata": lambda step_dir: _garble(f"{step_dir}/meta/metadata"),
-    "garbled data-iterator state": lambda step_dir: _garble(f"{step_dir}/data/process_0-of-1.json"),
+    "garbled state metadata": lambda step_dir: _garble(f"{step_dir}/state/_METADATA"),
     "missing state": lambda step_dir: shutil.rmtree(f"{step_dir}/state"),
 }
 
