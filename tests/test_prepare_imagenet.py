@@ -431,7 +431,7 @@ def test_trainer_pipeline_reads_output(fp32_out):
     config.data.worker_count = 0
     info = pipeline.dataset_info(config)
     assert info.shape == LATENT_SHAPE and info.num_classes == 4 and info.num_records == 10
-    loader = pipeline.make_loader(config, process_batch_size=5, seed=0)
+    loader = pipeline.make_loader(config, global_batch_size=5, seed=0)
     xs, labels = [], []
     for _, batch in zip(range(40), loader):  # 20 epochs of the 10 records
         assert batch["x"].shape == (5, *LATENT_SHAPE) and batch["x"].dtype == np.float32

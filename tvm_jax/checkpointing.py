@@ -1,11 +1,15 @@
-"""Orbax checkpoints of a training run: train state, data-iterator state and run metadata.
+"""Orbax checkpoints of a training run: train state and run metadata.
 
-``WORKDIR/checkpoints/<step>/`` holds three items:
+``WORKDIR/checkpoints/<step>/`` holds two items:
 
 * ``state``: the :class:`~tvm_jax.training.TrainState` (params, optimiser state, both EMAs, step,
   RNG, skip counters), saved asynchronously and restored directly into its shardings;
-* ``data``: the grain iterator state (so a resumed run sees exactly the same batches);
 * ``meta``: JSON with the model/objective/data settings of the run.
+
+The data position needs no item of its own: the input pipeline's global batches are a function
+of the step alone (:func:`tvm_jax.data.pipeline.make_loader`), so a resumed run, on any number of
+processes, sees exactly the batches an uninterrupted one would. (Checkpoints of older versions
+also hold a ``data`` item; it is ignored.)
 
 Orbax writes each checkpoint to a temporary directory and renames it when complete (atomic),
 keeps the newest ``keep`` and deletes older ones. Resuming refuses, with a clear error, a
@@ -18,7 +22,6 @@ import json
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -49,24 +52,22 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            self.directory, options=options, item_names=("state", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+    def save(self, step: int, state, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave({"step": int(step), "signature": run_signature(self.config)}))
         return self.manager.save(step, args=args, force=force)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore(self, abstract_state, data_iterator, step: int | None = None):
-        """Restores ``(state, step)`` into ``abstract_state``'s shapes/shardings and sets the data
-        iterator's position (``data_iterator=None``: the state only, e.g. for sampling). Raises
+    def restore(self, abstract_state, step: int | None = None):
+        """Restores ``(state, step)`` into ``abstract_state``'s shapes/shardings. Raises
         :class:`CheckpointError` when the checkpoint cannot be used."""
         step = self.latest_step() if step is None else step
         if step is None:
@@ -85,11 +86,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {where} was written with different settings for {diff} ({details}); refusing to resume "
                 "(nothing was changed in the workdir). Use a new --workdir, or the original config.")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {where} does not match the model or is corrupt ({type(e).__name__}: {e}); "
                                   "it was left untouched.") from e

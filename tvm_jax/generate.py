@@ -79,7 +79,7 @@ def load_for_sampling(config, *, checkpoint: str | None, workdir: str | None, we
     # Restore onto this process's first device, whatever mesh the run was trained on (a run of
     # 8 GPUs can be sampled on one); the sampler replicates or shards from there.
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    state, step = ckpt.restore(abstract_like(abstract, jax.tree.map(lambda _: one, abstract)), None)
+    state, step = ckpt.restore(abstract_like(abstract, jax.tree.map(lambda _: one, abstract)))
     ckpt.close()
     params = state.ema_params if weights == "ema" else state.params
     return LoadedModel(net.apply, params, config.data.num_classes, net.sample_shape, config.objective.scaled_param,

@@ -27,12 +27,19 @@ MIN_SHARD_SIZE = 1 << 14
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """Starts JAX's multi-process runtime when this is a multi-host job (no-op otherwise)."""
+    """Starts JAX's multi-process runtime when this is a multi-process job (no-op otherwise).
+
+    Processes without GPUs exchange data through gloo (XLA:CPU has no cross-process collectives
+    otherwise), so several CPU processes form one job too: that is how the tests check the
+    multi-process paths."""
     if coordinator_address or num_processes:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+        kwargs = {}
+    else:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
@@ -88,3 +95,10 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Assembles this process's part of a batch into global arrays sharded over the mesh."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def from_host(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array with ``sharding`` from a host value every process holds in full (each
+    process places only its own shards; no cross-process transfer)."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

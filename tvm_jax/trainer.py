@@ -86,11 +86,14 @@ def build_network(config, mesh=None, seed: int | None = None) -> Network:
     if out_shardings is not None and jax.default_backend() == "cpu" and mesh.devices.size > 1:
         # XLA:CPU can deadlock when several virtual devices run the batched SVD of the spectral
         # init at once (LAPACK's batch map waits on the thread pool the devices occupy), so on
-        # CPU meshes initialise on one device and place the result into its shardings.
-        # (Under ``jax.set_mesh`` a bare jit would still run on every device of the ambient mesh.)
-        with jax.set_mesh(shd.make_mesh(1, [mesh.devices.flat[0]])):
-            host = jax.block_until_ready(jax.jit(init)())
-        params, buffers = jax.device_put(host, out_shardings)
+        # CPU meshes initialise on one device of this process and place the result into its
+        # shardings. (Under ``jax.set_mesh`` a bare jit would still run on every device of the
+        # ambient mesh.) Every process computes the same values from the seed and fills its own
+        # shards: a device_put from one device would be a cross-process transfer, which XLA:CPU
+        # does not have.
+        with jax.set_mesh(shd.make_mesh(1, jax.local_devices()[:1])):
+            host = jax.device_get(jax.jit(init)())
+        params, buffers = jax.tree.map(shd.from_host, host, out_shardings)
     else:
         params, buffers = jax.jit(init, out_shardings=out_shardings)()
     shape = pipeline.dataset_info(config).shape
@@ -228,12 +231,12 @@ def train(config, workdir: str) -> TrainState:
         train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                              donate_argnums=(0,))
 
-        local_batch = pipeline.process_batch_size(config.train.global_batch_size)
-        data_iter = iter(pipeline.make_loader(config, process_batch_size=local_batch, seed=config.seed))
         ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, config=config)
         if ckpt.latest_step() is not None:
-            state, _ = ckpt.restore(abstract_like(state, state_sh), data_iter)
+            state, _ = ckpt.restore(abstract_like(state, state_sh))
         start = int(jax.device_get(state.step))
+        data_iter = iter(pipeline.make_loader(config, global_batch_size=config.train.global_batch_size,
+                                              seed=config.seed, start_step=start))
 
         samplers = make_samplers(config, net.apply, net.null_label)
         n_img = config.sample.num_images
@@ -302,7 +305,7 @@ def train(config, workdir: str) -> TrainState:
                 if step % config.train.sample_every == 0 or step == total:
                     write_samples(step)
                 if step % config.train.checkpoint_every == 0 or step == total or interrupt.signal is not None:
-                    ckpt.save(step, state, data_iter, force=True)
+                    ckpt.save(step, state, force=True)
                 if interrupt.signal is not None:
                     ckpt.wait()
                     logging.warning("Stopped by signal %d at step %d; checkpoint saved in %s.", interrupt.signal, step,

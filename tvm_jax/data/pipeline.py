@@ -14,9 +14,12 @@ Sources (``config.data.source``):
   ``data.gmm_components_per_class`` components each, ``data.gmm_dim`` dimensions).
 * ``synthetic``: N(0, 1) arrays of ``data.shape`` with uniform labels (speed tests).
 
-Sharding: records are split over JAX processes (``ShardByJaxProcess``); every process draws
-``global_batch / process_count`` examples per step. Shuffling is deterministic given
-``seed``; the iterator state is checkpointable (``grain.checkpoint.CheckpointSave``).
+Order: one global stream of examples (shuffled per epoch, deterministic given ``seed``); global
+batch ``k`` is the stream's ``k``-th block of ``global_batch`` examples, and every JAX process
+reads its contiguous part of that block (``global_batch / process_count`` examples). The batches
+depend on neither the process count nor the number of loading workers, and the position of the
+data is the training step: a run resumes at any step, on any number of processes, without a
+saved iterator state (:func:`make_loader` takes ``start_step``).
 """
 from __future__ import annotations
 
@@ -167,31 +170,82 @@ def dataset_info(config) -> DatasetInfo:
     return DatasetInfo(shape, int(num_classes), len(source), f"{len(source)} latent records in {len(files)} shards")
 
 
-def make_loader(config, *, process_batch_size: int, seed: int, worker_count: int | None = None) -> grain.DataLoader:
-    """A grain ``DataLoader`` yielding this process's share of every global batch, forever."""
+class _GlobalOrder(grain.sources.RandomAccessDataSource):
+    """This process's examples of the global example stream, in the order it consumes them.
+
+    The global stream is one grain ``IndexSampler`` over all records (shuffled per epoch with
+    ``seed``, no process sharding): global batch ``k`` is global positions ``[k B, (k + 1) B)``.
+    Process ``p`` of ``P`` reads positions ``[k B + p b, k B + (p + 1) b)`` of it (``b = B / P``):
+    local position ``j`` is global position ``(j // b) B + p b + j % b``. Each example is read
+    and transformed here with the sampler's per-position rng (seeded by the *global* position),
+    so every global batch, latent noise included, is the same whatever the number of processes,
+    data-loading workers or devices, and the stream can start at any step without a saved
+    iterator state.
+    """
+
+    def __init__(self, source, sampler, transform, *, global_batch: int, process_index: int, process_count: int):
+        self._source, self._sampler, self._transform = source, sampler, transform
+        self._global_batch = global_batch
+        self._local_batch = global_batch // process_count
+        self._offset = process_index * self._local_batch
+
+    def __len__(self) -> int:
+        return _ENDLESS
+
+    def global_position(self, j: int) -> int:
+        step, within = divmod(j, self._local_batch)
+        return step * self._global_batch + self._offset + within
+
+    def __getitem__(self, j: int):
+        meta = self._sampler[self.global_position(j)]
+        element = self._source[meta.record_key]
+        return element if self._transform is None else self._transform.random_map(element, meta.rng)
+
+    def __repr__(self) -> str:
+        return (f"_GlobalOrder({self._source!r}, global_batch={self._global_batch}, "
+                f"local_batch={self._local_batch}, offset={self._offset})")
+
+
+def _source_and_transform(config):
     d = config.data
-    operations: list[Any] = []
     if d.source == "latents":
         source = grain.sources.ArrayRecordDataSource(records.shard_paths(d.path))
-        operations.append(DecodeLatent(d.raw_mean, d.raw_std, d.final_std, tuple(d.shape), d.num_classes))
-    elif d.source == "digits":
-        source = ArraySource(*load_digits(d.upsample))
-    elif d.source == "gmm":
+        return source, DecodeLatent(d.raw_mean, d.raw_std, d.final_std, tuple(d.shape), d.num_classes)
+    if d.source == "digits":
+        return ArraySource(*load_digits(d.upsample)), None
+    if d.source == "gmm":
         x, labels = gmm_mixture(config).sample(np.random.default_rng(config.seed), GMM_POINTS)
-        source = ArraySource(x.astype(np.float32), labels.astype(np.int32))
-    elif d.source == "synthetic":
-        source = _IndexSource(_ENDLESS)
-        operations.append(SampleSynthetic(d.shape, d.num_classes))
-    else:
-        raise ValueError(f"data.source: unknown source {d.source!r}")
-    operations.append(grain.transforms.Batch(batch_size=process_batch_size, drop_remainder=True))
-    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    # Generated sources draw from the per-record rng: shuffling their index stream adds nothing.
-    finite = d.source != "synthetic"
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=finite,
-                                          num_epochs=None, seed=seed)
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=d.worker_count if worker_count is None else worker_count)
+        return ArraySource(x.astype(np.float32), labels.astype(np.int32)), None
+    if d.source == "synthetic":
+        return _IndexSource(_ENDLESS), SampleSynthetic(d.shape, d.num_classes)
+    raise ValueError(f"data.source: unknown source {d.source!r}")
+
+
+def make_loader(config, *, global_batch_size: int, seed: int, start_step: int = 0,
+                worker_count: int | None = None) -> grain.IterDataset:
+    """This process's share of every global batch from ``start_step`` on, forever.
+
+    Yields ``{"x": (b, ...), "label": (b,)}`` with ``b = global_batch_size / process_count``;
+    the global batches are independent of the process count and of ``worker_count`` (see
+    :class:`_GlobalOrder`), so the data position of a run is its step and nothing else.
+    ``worker_count`` (default ``data.worker_count``) > 0 decodes in that many processes.
+    """
+    d = config.data
+    local_batch = process_batch_size(global_batch_size)
+    source, transform = _source_and_transform(config)
+    # Generated sources draw from the per-position rng: shuffling their index stream adds nothing.
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=grain.sharding.NoSharding(),
+                                          shuffle=d.source != "synthetic", num_epochs=None, seed=seed)
+    view = _GlobalOrder(source, sampler, transform, global_batch=global_batch_size,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    batches = grain.MapDataset.source(view).batch(local_batch, drop_remainder=True)
+    if start_step:
+        batches = batches[start_step:]
+    dataset = batches.to_iter_dataset()
+    workers = d.worker_count if worker_count is None else worker_count
+    if workers:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return dataset
 
 
 def process_batch_size(global_batch_size: int) -> int:

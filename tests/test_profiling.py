@@ -1,0 +1,39 @@
+"""The step profiler's trace reading and grouping (on the CPU: XLA:CPU thunks stand in for GPU
+kernels; the GPU path reads the device plane of the same ``jax.profiler`` trace format)."""
+import jax
+import jax.numpy as jnp
+
+from tvm_jax import profiling
+
+
+def test_profile_groups_a_jitted_function_by_family():
+    def f(a, b):
+        with jax.named_scope("optimizer"):
+            c = a * 0.9 + b * 0.1
+        return jnp.tanh(a @ b).sum() + c.sum()
+
+    a = jnp.ones((256, 256))
+    compiled = jax.jit(f).lower(a, a).compile()
+    stacks = profiling.hlo_name_stacks(compiled.as_text())
+    assert any("optimizer" in s for s in stacks.values()), stacks
+    result = profiling.profile(lambda: compiled(a, a), calls=3, hlo_text=compiled.as_text())
+    rows = result["rows"]
+    assert rows and all(r["count"] >= 1 and r["total_ms"] >= 0 for r in rows)
+    assert sum(r["count"] for r in rows) >= 3  # every call ran at least one op
+    summary = result["summary"]
+    assert abs(sum(v["share"] for v in summary.values()) - 1.0) < 1e-6
+    assert sum(v["ms_per_call"] for v in summary.values()) > 0
+
+
+def test_op_family_rules():
+    fam = profiling.op_family
+    assert fam("tvm_flash_jvp_fwd", "custom-call.3", "jit(step)/jvp(attention)/pallas_call") == \
+        "attention forward + tangent (JVP)"
+    assert fam("tvm_flash_jvp_bwd_kv", "custom-call.9", "transpose(jvp(pallas_call))") == "attention backward (JVP)"
+    assert fam("tvm_flash_bwd_q", "custom-call.1", "pallas_call") == "attention backward (plain)"
+    assert fam("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN", "custom-call.12", "jit(step)/dot_general") == "matmuls"
+    assert fam("gemm_fusion_dot_123", "gemm_fusion_dot.123", "") == "matmuls"
+    assert fam("loop_multiply_fusion", "fusion.7", "jit(step)/optimizer/mul") == "optimizer and EMA updates"
+    assert fam("input_reduce_fusion", "fusion.8", "jit(step)/jvp(rms_norm)/reduce_sum") == \
+        "elementwise, reductions and normalisation"
+    assert fam("cudnn_fmha_fwd", "custom-call.2", "") == "attention (cuDNN)"
