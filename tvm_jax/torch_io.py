@@ -82,6 +82,9 @@ __all__ = [
     "module_state_dict",
     "OpaqueObject",
     "network_recipe",
+    "read_official_object",
+    "holds_modules",
+    "official_checkpoint",
     "read_official_pickle",
     "load_official_pickle",
 ]
@@ -1136,22 +1139,28 @@ class OfficialCheckpoint:
         return self.networks[name]
 
 
-def read_official_pickle(path: str, *, allow_classes: Iterable[str] = ()) -> OfficialCheckpoint:
-    """Reads an official TVM checkpoint without torch, without the official code and without
-    executing anything from it (see the module docstring): a snapshot pickle
-    (``network-snapshot-*.pkl``, ``pickle.dump(dict(net=ema, dataset_kwargs=...))``) or a
-    ``torch.save`` file of official modules (``training-state-*.pt``: ``net``, ``ema``,
-    ``ema_target``, optimiser and scaler state)."""
+def read_official_object(path: str, *, allow_classes: Iterable[str] = ()) -> Any:
+    """The object stored in an official checkpoint file (a pickle or a ``torch.save`` file), with
+    module classes as inert stand-ins (see the module docstring); nothing from the file runs."""
     fmt = detect_format(path)
     if fmt == "pickle":
         with open(path, "rb") as f, _budget_scope():
-            obj = _RestrictedUnpickler(f, _OFFICIAL_GLOBALS, where=path, allow_classes=allow_classes,
-                                       opaque=True).load()
-    elif fmt in ("torch-zip", "torch-legacy"):
-        obj = read_torch_file(path, modules=True, allow_classes=allow_classes)
-    else:
-        raise CheckpointFormatError(f"{path}: not an official checkpoint (a pickle or a torch.save file); "
-                                    f"detected format: {fmt}")
+            return _RestrictedUnpickler(f, _OFFICIAL_GLOBALS, where=path, allow_classes=allow_classes,
+                                        opaque=True).load()
+    if fmt in ("torch-zip", "torch-legacy"):
+        return read_torch_file(path, modules=True, allow_classes=allow_classes)
+    raise CheckpointFormatError(f"{path}: not an official checkpoint (a pickle or a torch.save file); "
+                                f"detected format: {fmt}")
+
+
+def holds_modules(obj) -> bool:
+    """Whether a loaded checkpoint object is (or holds at its top level) pickled module objects."""
+    values = obj.values() if isinstance(obj, dict) else [obj]
+    return any(isinstance(v, PickledObject) for v in values)
+
+
+def official_checkpoint(obj, path: str) -> OfficialCheckpoint:
+    """Sorts a loaded official checkpoint object into networks, recipes and metadata."""
     if isinstance(obj, PickledObject):
         obj = {"net": obj}
     if not isinstance(obj, dict):
@@ -1185,6 +1194,15 @@ def read_official_pickle(path: str, *, allow_classes: Iterable[str] = ()) -> Off
         raise CheckpointFormatError(f"{path}: no DiT network found among the entries {sorted(map(str, obj))} "
                                     "(expected e.g. 'net' whose model has 'blocks')")
     return OfficialCheckpoint(path=path, networks=networks, metadata=metadata, other_entries=others, recipes=recipes)
+
+
+def read_official_pickle(path: str, *, allow_classes: Iterable[str] = ()) -> OfficialCheckpoint:
+    """Reads an official TVM checkpoint without torch, without the official code and without
+    executing anything from it (see the module docstring): a snapshot pickle
+    (``network-snapshot-*.pkl``, ``pickle.dump(dict(net=ema, dataset_kwargs=...))``) or a
+    ``torch.save`` file of official modules (``training-state-*.pt``: ``net``, ``ema``,
+    ``ema_target``, optimiser and scaler state)."""
+    return official_checkpoint(read_official_object(path, allow_classes=allow_classes), path)
 
 
 def load_official_pickle(path: str, weights: str | None = None, *,
