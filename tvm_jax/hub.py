@@ -52,6 +52,8 @@ def parse_hub_path(path: str) -> HubPath:
 def _huggingface_hub():
     try:
         import huggingface_hub
+        import huggingface_hub.constants
+        import huggingface_hub.errors  # noqa: F401  (submodules used below)
     except ImportError:
         raise HubError("hf:// paths need the huggingface_hub package: pip install -e \".[hub]\" "
                        "(or pip install huggingface_hub)") from None
