@@ -448,3 +448,46 @@ def test_matches_independent_pytorch_reference(tmp_path, naive):
     ref = ref.transpose(0, 2, 3, 1)
     assert np.abs(ref).max() > 0.1  # a non-trivial output
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- OUT as a symbolic link
+
+
+def _debris(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.name.endswith((".tmp-export", ".old-export")))
+
+
+def test_out_symlink_writes_into_its_target(tmp_path, official, capsys):
+    src = _save_safetensors(official, tmp_path / "w.safetensors")
+    target = tmp_path / "models" / "real"
+    target.mkdir(parents=True)
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    assert _cli(src, link, "--scaled_param") == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert read_config(str(target))[0].depth == 2 and read_config(str(link))[0].depth == 2
+    # Non-empty target: refused without --overwrite, replaced with it; the link stays.
+    assert "exists and is not empty" in _cli_error(capsys, src, link, "--scaled_param")
+    assert _cli(src, link, "--scaled_param", "--overwrite", "--noscaled_param") == 0
+    assert link.is_symlink() and read_config(str(link))[1]["scaled_param"] is False
+    assert _debris(tmp_path) == []
+
+
+def test_out_dangling_symlink_is_refused(tmp_path, official, capsys):
+    src = _save_safetensors(official, tmp_path / "w.safetensors")
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    line = _cli_error(capsys, src, link, "--scaled_param")
+    assert f"{link} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in line
+    assert "Errno" not in line and _cli(src, link, "--scaled_param") == 2
+    capsys.readouterr()
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists() and _debris(tmp_path) == []
+
+
+def test_unwritable_out_leaves_no_debris(tmp_path, official, capsys):
+    src = _save_safetensors(official, tmp_path / "w.safetensors")
+    blocker = tmp_path / "file.txt"  # OUT's parent is a regular file: nothing can be created there
+    blocker.write_text("keep")
+    line = _cli_error(capsys, src, blocker / "out", "--scaled_param")
+    assert "cannot write the model to" in line and "Not a directory" in line and "Errno" not in line
+    assert blocker.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "w.safetensors"]
