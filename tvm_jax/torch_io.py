@@ -39,6 +39,20 @@ compiled or run. Plain ``torch.nn`` layers (and timm's ``PatchEmbed``/``Mlp``) a
 ``torch.storage._load_from_bytes(bytes)``; those bytes are a complete ``torch.save`` stream of
 their own and are decoded by the weights-only reader above (never by an unrestricted pickle).
 
+The official code's own module classes (``training.dit.Attention`` is not persistent, so every
+snapshot names it by reference; the other ``training.dit``/``training.wrapper`` classes too, for
+snapshots written without the decorator), timm's ``Mlp``/``PatchEmbed`` under ``timm.layers`` and
+``timm.models.layers`` are stand-ins as well. A ``torch.compile``'d network (``OptimizedModule``,
+as the official configs train) keeps its module as the ``_orig_mod`` child; its compiler context
+and OmegaConf config objects become :class:`OpaqueObject` records (``torch._dynamo.*``,
+``torch._inductor.*``, ``omegaconf.*``: never imported, never called). ``training-state-*.pt``
+(``torch.save`` of such modules) is read the same way.
+
+Bounds: a storage must be exactly as large as its zip entry (checked before reading, then read in
+bounded chunks) or fit in the legacy file's remaining bytes; copies of tensor views may not exceed
+twice the storage bytes read plus :data:`VIEW_ALLOWANCE_BYTES`. The allow-listed objects are
+immutable: a ``BUILD`` opcode aimed at one is refused.
+
 The DiT's state dict (official names: ``blocks.0.attn.qkv.weight``, ...) is taken from
 ``entry._modules["model"]`` (the TVMWrapper's network; also through ``_orig_mod``/``module``
 wrappers) or from ``entry`` itself when it holds ``blocks`` directly, with
