@@ -18,7 +18,7 @@ pytest.importorskip("omegaconf")
 import official_fixtures as of  # noqa: E402
 from test_convert import _apply, _cli, _cli_error, _inputs, _pure, torch_reference_forward  # noqa: E402
 
-from tvm_jax import convert, generate, torch_io  # noqa: E402
+from tvm_jax import generate, torch_io  # noqa: E402
 from tvm_jax.dit import DiTConfig  # noqa: E402
 from tvm_jax.model_io import load_model, read_config  # noqa: E402
 
@@ -97,6 +97,7 @@ def test_snapshot_converts_without_flags_and_matches_torch(snapshots, tmp_path, 
 
 
 def test_unscaled_compiled_snapshot_samples_with_k_1(snapshots, tmp_path):
+    import jax
     import jax.numpy as jnp
 
     from tvm_jax.sampling import make_sampler
@@ -111,7 +112,7 @@ def test_unscaled_compiled_snapshot_samples_with_k_1(snapshots, tmp_path):
     assert model.scaled is False
     labels = np.array([1, 10], np.int32)
     got = generate.sample(model, steps=[1], w=2.0, labels=labels, seed=0)[1]
-    noise = np.asarray(__import__("jax").random.normal(__import__("jax").random.key(0), (2, *model.sample_shape)))
+    noise = np.asarray(jax.random.normal(jax.random.key(0), (2, *model.sample_shape)))
     unscaled, scaled = (np.asarray(make_sampler(model.apply, steps=1, w=2.0, null_label=10, scaled=k)(
         model.params, jnp.asarray(noise), jnp.asarray(labels))) for k in (False, True))
     np.testing.assert_allclose(got, unscaled, rtol=1e-6, atol=1e-6)
