@@ -224,11 +224,14 @@ def _check_export(out, params, *, weights=None, fmt=None):
 def test_cli_safetensors(tmp_path, params, official, capsys):
     src = _save_safetensors(official, tmp_path / "w.safetensors")
     out = tmp_path / "out"
-    assert _cli(src, out) == 0
+    # A bare state dict does not say whether the model uses the scaled parameterisation.
+    assert "pass --scaled_param" in _cli_error(capsys, src, out) and not out.exists()
+    assert _cli(src, out, "--noscaled_param") == 0
     printed = capsys.readouterr().out
     n = sum(x.size for x in _flat(params).values())
     assert f"parameters: {n:,}" in printed and "hidden_size=64" in printed and "depth=2" in printed
     meta = _check_export(out, params, fmt="safetensors")
+    assert meta["scaled_param"] is False and meta["assumed"] == {"mod_norm": True, "norm": "rms"}
     import hashlib
 
     assert meta["source_sha256"] == hashlib.sha256(Path(src).read_bytes()).hexdigest()
@@ -243,10 +246,10 @@ def test_cli_torch_save_with_several_networks(tmp_path, params, official):
            "ema": {f"model.{k}": v for k, v in convert.params_to_official(ema, CFG).items()},
            "optimizer": {"state": {"0": {"exp_avg": np.ones(3, np.float32)}}}}
     src = _save_pt(obj, tmp_path / "ckpt.pt")
-    assert _cli(src, tmp_path / "ema") == 0
+    assert _cli(src, tmp_path / "ema", "--scaled_param") == 0
     meta = _check_export(tmp_path / "ema", ema, weights="ema", fmt="torch-zip")
     assert meta["ignored_keys"] == len(official) + 1 and meta["prefix"] == "ema.model."
-    assert _cli(src, tmp_path / "net", "--weights=net") == 0
+    assert _cli(src, tmp_path / "net", "--weights=net", "--scaled_param") == 0
     config, loaded = load_model(str(tmp_path / "net"))
     assert _trees_equal(loaded, params)
 
@@ -270,7 +273,8 @@ def test_cli_official_pickle(tmp_path, params, official):
 def test_cli_subprocess(tmp_path, official):
     src = _save_safetensors(official, tmp_path / "w.safetensors")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "tvm_jax.convert", src, str(out), "--num-heads=4", "--input-size", "8"]
+    command = [sys.executable, "-m", "tvm_jax.convert", src, str(out), "--num-heads=4", "--input-size", "8",
+               "--scaled-param"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "parameters: " in result.stdout and "num_heads=4" in result.stdout
@@ -325,7 +329,7 @@ def test_cli_errors(tmp_path, official, capsys):
     (out / "keep.txt").write_text("precious")
     assert "exists and is not empty; pass --overwrite" in _cli_error(capsys, good, out)
     assert (out / "keep.txt").read_text() == "precious"
-    assert _cli(good, out, "--overwrite") == 0
+    assert _cli(good, out, "--overwrite", "--scaled_param") == 0
     assert not (out / "keep.txt").exists() and read_config(str(out))[0].depth == 2
 
     # Usage errors exit with 2.
@@ -427,7 +431,7 @@ def test_matches_independent_pytorch_reference(tmp_path, naive):
     config = NAIVE if naive else CFG
     sd = convert.params_to_official(random_params(config, 11), config)
     src = _save_pt({"model": sd}, tmp_path / "w.pth")
-    flags = ["--naive", "--num_heads=4"] if naive else []
+    flags = ["--scaled_param"] + (["--naive", "--num_heads=4"] if naive else [])
     assert _cli(src, tmp_path / "out", *flags) == 0
     loaded_config, loaded = load_model(str(tmp_path / "out"), dtype="float32", attention_impl="xla")
     assert loaded_config == config
@@ -444,3 +448,46 @@ def test_matches_independent_pytorch_reference(tmp_path, naive):
     ref = ref.transpose(0, 2, 3, 1)
     assert np.abs(ref).max() > 0.1  # a non-trivial output
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- OUT as a symbolic link
+
+
+def _debris(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.name.endswith((".tmp-export", ".old-export")))
+
+
+def test_out_symlink_writes_into_its_target(tmp_path, official, capsys):
+    src = _save_safetensors(official, tmp_path / "w.safetensors")
+    target = tmp_path / "models" / "real"
+    target.mkdir(parents=True)
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    assert _cli(src, link, "--scaled_param") == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert read_config(str(target))[0].depth == 2 and read_config(str(link))[0].depth == 2
+    # Non-empty target: refused without --overwrite, replaced with it; the link stays.
+    assert "exists and is not empty" in _cli_error(capsys, src, link, "--scaled_param")
+    assert _cli(src, link, "--scaled_param", "--overwrite", "--noscaled_param") == 0
+    assert link.is_symlink() and read_config(str(link))[1]["scaled_param"] is False
+    assert _debris(tmp_path) == []
+
+
+def test_out_dangling_symlink_is_refused(tmp_path, official, capsys):
+    src = _save_safetensors(official, tmp_path / "w.safetensors")
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    line = _cli_error(capsys, src, link, "--scaled_param")
+    assert f"{link} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in line
+    assert "Errno" not in line and _cli(src, link, "--scaled_param") == 2
+    capsys.readouterr()
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists() and _debris(tmp_path) == []
+
+
+def test_unwritable_out_leaves_no_debris(tmp_path, official, capsys):
+    src = _save_safetensors(official, tmp_path / "w.safetensors")
+    blocker = tmp_path / "file.txt"  # OUT's parent is a regular file: nothing can be created there
+    blocker.write_text("keep")
+    line = _cli_error(capsys, src, blocker / "out", "--scaled_param")
+    assert "cannot write the model to" in line and "Not a directory" in line and "Errno" not in line
+    assert blocker.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "w.safetensors"]

@@ -60,12 +60,14 @@ def tiny_run(tmp_path_factory):
     return config_path, workdir, exported
 
 
-def _execute(tmp_path, devices=1, **params):
-    """Runs the notebook in a fresh kernel (``devices`` CPU devices) with TVM_NOTEBOOK_<NAME> = value;
-    returns it executed."""
+def _execute(tmp_path, devices=1, extra_env=None, **params):
+    """Runs the notebook in a fresh kernel (``devices`` CPU devices) with TVM_NOTEBOOK_<NAME> = value
+    (the quick start off unless ``QUICK_START`` is given); returns it executed."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TVM_NOTEBOOK_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TVM_NOTEBOOK_", "HF_"))}
+    params.setdefault("QUICK_START", "0")
     env.update({f"TVM_NOTEBOOK_{k}": str(v) for k, v in params.items()})
+    env.update(extra_env or {})
     env.update({
         "JAX_PLATFORMS": "cpu",
         # compile time dominates on the CPU
@@ -144,3 +146,41 @@ def test_notebook_on_training_run(tiny_run, tmp_path):
     np.testing.assert_array_equal(written["labels"], labels)
     np.testing.assert_allclose(written["samples"], expected, rtol=1e-4, atol=1e-4)
     assert os.path.isfile(os.path.join(out_dir, "samples_1step.png"))
+
+
+@pytest.mark.torch
+def test_notebook_quick_start_offline(tmp_path):
+    """The Colab quick start as shipped (hf://lumaai/tvm/im256_w2.pkl, hf://stabilityai/sd-vae-ft-ema),
+    run offline (HF_HUB_OFFLINE=1) against a Hugging Face cache laid out in huggingface_hub's own
+    layout that holds a tiny official-style snapshot under that name and a tiny VAE."""
+    pytest.importorskip("torch")
+    pytest.importorskip("omegaconf")
+    import official_fixtures as of
+    from weight_fixtures import write_vae_folder
+
+    from tvm_jax.vae import CONFIG_NAME, WEIGHTS_NAME
+
+    cache = tmp_path / "hf" / "hub"
+    snapshot = tmp_path / "network-snapshot.pkl"
+    of.write_snapshot(snapshot, tmp_path / "official_src")
+    of.hub_cache_file(cache, "lumaai/tvm", "im256_w2.pkl", snapshot.read_bytes())
+    vae = write_vae_folder(tmp_path / "vae")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        of.hub_cache_file(cache, "stabilityai/sd-vae-ft-ema", name, (vae / name).read_bytes(), commit="b" * 40)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    nb = _execute(run_dir, QUICK_START="1", CLASSES="3,7", SAMPLES_PER_CLASS="2", STEPS="1,2,4",
+                  extra_env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache)})
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    out = _stdout(nb)
+    assert "JAX runs on: cpu" in out and "No GPU/TPU visible to JAX" in out
+    assert "converting it to converted/im256_w2" in out and "scaled_param True, w 2.0" in out
+    assert "quick start: CHECKPOINT = 'converted/im256_w2', VAE_PATH = 'hf://stabilityai/sd-vae-ft-ema'" in out
+    assert "CFG weight w = 2 (the checkpoint's recipe)" in out
+    assert "Decoding latents with the VAE in hf://stabilityai/sd-vae-ft-ema" in out
+    assert "display shape: (4, 64, 64, 3)" in out  # 2 classes x 2 samples, decoded 32x32x4 latents
+    for n in (1, 2, 4):
+        assert f"decoded the {n}-step latents" in out
+    for tag in ("side-by-side", "per-class"):
+        assert len(_pngs(_cell(nb, tag))) == 1

@@ -105,13 +105,12 @@ def _named(obj, module: str, qualname: str):
 
 def build_official_pickle(path, *, state_dicts: dict | None = None, dims: dict = TINY, protocol: int = 4,
                           marker=None, qk_norm: bool = True, learn_guidance: bool = True,
-                          persistent_blocks: bool = True, seed: int = 0) -> dict:
+                          persistent_blocks: bool = True, block_module: str = "training.dit", seed: int = 0) -> dict:
     """Writes an official-structure checkpoint ``{"net", "ema", "loss_fn", ...}`` to ``path``.
 
     ``state_dicts`` (name -> official numpy state dict) fills the DiTs; without it they are
     random. ``marker``: a path that the pickled ``module_src`` would create if it were executed.
-    ``persistent_blocks=False`` pickles DiTBlock by reference as ``training.dit.DiTBlock`` (a class
-    the reader refuses unless allowed). Returns the torch DiTs' state dicts (numpy) by name."""
+    ``persistent_blocks=False`` pickles DiTBlock by reference as ``<block_module>.DiTBlock``. Returns the torch DiTs' state dicts (numpy) by name."""
     import torch
     from torch import nn
 
@@ -194,7 +193,7 @@ def build_official_pickle(path, *, state_dicts: dict | None = None, dims: dict =
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 6 * h))
 
     if not persistent_blocks:
-        _named(DiTBlock, "training.dit", "DiTBlock")
+        _named(DiTBlock, block_module, "DiTBlock")
 
     class FinalLayer(Persistent):
         def __init__(self):
@@ -248,7 +247,7 @@ def build_official_pickle(path, *, state_dicts: dict | None = None, dims: dict =
              "timm.layers.format": {"Format": Format}, "timm.layers.patch_embed": {"PatchEmbed": PatchEmbed},
              "timm.layers.mlp": {"Mlp": Mlp}}
     if not persistent_blocks:
-        fakes["training.dit"] = {"DiTBlock": DiTBlock}
+        fakes[block_module] = {"DiTBlock": DiTBlock}
     with _fake_modules(fakes):
         data = pickle.dumps(top, protocol=protocol)
     with open(path, "wb") as f:
@@ -339,7 +338,6 @@ def test_malicious_plain_pickle_is_refused_by_official_reader(tmp_path):
     ("builtins", "eval"),
     ("__builtin__", "eval"),
     ("builtins", "exec"),
-    ("builtins", "getattr"),
     ("subprocess", "Popen"),
     ("posix", "system"),
     ("torch_utils.persistence", "_src_to_module"),
@@ -356,6 +354,29 @@ def test_official_reader_refuses_globals(tmp_path, module, name):
     with pytest.raises(UnsafePickleError, match=f"refusing to load global '{shown}.{name}'"):
         torch_io.read_official_pickle(str(path))
     assert not marker.exists()
+
+
+def test_getattr_only_on_compile_context_standins(tmp_path):
+    """``builtins.getattr`` is admitted for torch.compile's pickled context (a bound method pickles
+    as getattr(obj, name)); on anything else it is refused before it runs."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(_global_call("builtins", "getattr", f"open({str(marker)!r}, 'w')"))
+    with pytest.raises(UnsafePickleError, match="refusing to call builtins.getattr"):
+        torch_io.read_official_pickle(str(path))
+    # getattr(<torch.nn.Linear stand-in>, "forward") is refused too: modules are not opaque objects.
+    path.write_bytes(b"\x80\x02c__builtin__\ngetattr\nctorch.nn.modules.linear\nLinear\n)\x81}bX\x07\x00\x00\x00forward"
+                     b"\x86R.")
+    with pytest.raises(UnsafePickleError, match="refusing to call builtins.getattr"):
+        torch_io.read_official_pickle(str(path))
+    with pytest.raises(UnsafePickleError, match="refusing to load global 'builtins.getattr'"):
+        torch_io.load_state_dict(str(_write(tmp_path / "w.pt", _torch_zip(_global_call("builtins", "getattr", "x")))))
+    assert not marker.exists()
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
 
 
 def test_load_from_bytes_payload_is_weights_only(tmp_path):
@@ -566,8 +587,12 @@ def test_official_reader_runs_without_torch_installed(tmp_path):
 def test_official_unknown_class_needs_allow_classes(tmp_path):
     pytest.importorskip("torch")
     path = tmp_path / "ckpt.pkl"
+    # The official code's own classes are known, persistent or not ...
     truth = build_official_pickle(path, persistent_blocks=False, protocol=4)
-    with pytest.raises(UnsafePickleError, match="refusing to load global 'training.dit.DiTBlock'"):
+    assert _digest(torch_io.load_official_pickle(str(path), weights="net")) == _digest(truth["net"])
+    # ... a class of another module is not, unless allowed explicitly.
+    truth = build_official_pickle(path, persistent_blocks=False, block_module="mylab.blocks", protocol=4)
+    with pytest.raises(UnsafePickleError, match="refusing to load global 'mylab.blocks.DiTBlock'"):
         torch_io.read_official_pickle(str(path))
-    got = torch_io.load_official_pickle(str(path), weights="net", allow_classes=["training.dit.*"])
+    got = torch_io.load_official_pickle(str(path), weights="net", allow_classes=["mylab.blocks.*"])
     assert _digest(got) == _digest(truth["net"])

@@ -26,6 +26,32 @@ from tvm_jax.networks import network_fn, split_model
 from tvm_jax.sampling import make_sampler
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentDecoding:
+    """How latent samples become pixels: the VAE (a diffusers folder or ``hf://ORG/NAME``; ""
+    for none) and the data pipeline's per-channel normalisation to undo first."""
+
+    vae_path: str
+    raw_mean: tuple[float, ...]
+    raw_std: tuple[float, ...]
+    final_std: float = 1.0
+
+    @classmethod
+    def from_config(cls, config) -> "LatentDecoding":
+        d = config.data
+        return cls(str(d.get("vae_path", "") or ""), tuple(map(float, d.raw_mean)), tuple(map(float, d.raw_std)),
+                   float(d.final_std))
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "LatentDecoding | None":
+        """From an exported model's metadata (``raw_mean``/``raw_std`` [+ ``final_std``, ``vae_path``]),
+        or None when it records no latent statistics."""
+        if "raw_mean" not in metadata or "raw_std" not in metadata:
+            return None
+        return cls(str(metadata.get("vae_path", "") or ""), tuple(map(float, metadata["raw_mean"])),
+                   tuple(map(float, metadata["raw_std"])), float(metadata.get("final_std", 1.0)))
+
+
 @dataclasses.dataclass
 class LoadedModel:
     apply: Any
@@ -37,6 +63,7 @@ class LoadedModel:
     description: str
     default_w: float | None = None
     step: int | None = None  # training step of a workdir checkpoint (None for exported models)
+    decoding: LatentDecoding | None = None  # an exported latent model's recorded statistics and VAE
 
 
 def load_for_sampling(config, *, checkpoint: str | None, workdir: str | None, weights: str = "ema",
@@ -61,7 +88,7 @@ def load_for_sampling(config, *, checkpoint: str | None, workdir: str | None, we
         return LoadedModel(network_fn(graphdef, dit_buffers(cfg)), params, cfg.num_classes,
                            (cfg.input_size, cfg.input_size, cfg.in_channels), scaled,
                            is_latent=cfg.in_channels == 4, description=f"exported model {checkpoint}",
-                           default_w=meta.get("w"))
+                           default_w=meta.get("w"), decoding=LatentDecoding.from_metadata(meta))
 
     if not workdir or config is None:
         raise ValueError("sampling needs --checkpoint=DIR (an exported model) or --workdir with the run's --config")
@@ -118,10 +145,10 @@ def sample(model: LoadedModel, *, steps: Sequence[int], w: float, labels: np.nda
     return out
 
 
-def denormalize_latents(z: np.ndarray, config) -> np.ndarray:
+def denormalize_latents(z: np.ndarray, decoding: LatentDecoding) -> np.ndarray:
     """Inverse of the data pipeline's per-channel normalisation (back to raw VAE latents)."""
-    scale = config.data.final_std / np.asarray(config.data.raw_std, np.float32)
-    bias = -np.asarray(config.data.raw_mean, np.float32) * scale
+    scale = decoding.final_std / np.asarray(decoding.raw_std, np.float32)
+    bias = -np.asarray(decoding.raw_mean, np.float32) * scale
     return (np.asarray(z) - bias) / scale
 
 
@@ -162,9 +189,14 @@ def write_outputs(out_dir: str, samples: dict[int, np.ndarray], labels: np.ndarr
 
 
 def make_decoder(config):
+    """:func:`make_latent_decoder` for a run's config (``data.vae_path`` and latent statistics)."""
+    return make_latent_decoder(LatentDecoding.from_config(config) if config is not None else None)
+
+
+def make_latent_decoder(decoding: LatentDecoding | None):
     """A function latents -> images in [-1, 1] through the VAE, or None (with a log line) when
     no VAE is configured."""
-    path = config.data.get("vae_path", "") if config is not None else ""
+    path = decoding.vae_path if decoding is not None else ""
     if not path:
         logging.warning("No VAE configured (data.vae_path is empty): writing latents, not pixels; the PNG shows "
                         "the first three latent channels. Point data.vae_path at a diffusers AutoencoderKL folder "
@@ -173,4 +205,4 @@ def make_decoder(config):
     from tvm_jax.vae import decode_batched, load_vae
 
     vae = load_vae(path)
-    return lambda z: np.asarray(decode_batched(vae, denormalize_latents(z, config), batch_size=16))
+    return lambda z: np.asarray(decode_batched(vae, denormalize_latents(z, decoding), batch_size=16))

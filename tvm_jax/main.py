@@ -19,6 +19,7 @@ initialise ``jax.distributed`` before anything touches a device; see ``launch/``
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -37,6 +38,9 @@ _W = flags.DEFINE_float("w", None, "sample/evaluate: CFG weight (default: config
 _CLASSES = flags.DEFINE_string("classes", "random", "sample: 'random', 'null' or a comma list of class ids.")
 _NUM = flags.DEFINE_integer("num", 16, "sample: how many samples per step count.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample/evaluate: noise seed.")
+_VAE_PATH = flags.DEFINE_string("vae_path", None, "sample: the VAE that decodes latents (a diffusers folder or "
+                                "hf://ORG/NAME; '' for none). Default: config.data.vae_path, else the exported "
+                                "model's recorded VAE.")
 _OUT = flags.DEFINE_string("out", None, "sample: output directory (default WORKDIR/sampled); export: target.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing existing outputs.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
@@ -119,8 +123,16 @@ def _sample(config) -> None:
         raise ValueError(f"--num must be positive, got {_NUM.value}")
     labels = generate.parse_classes(_CLASSES.value, _NUM.value, model.num_classes, _SEED.value)
     logging.info("Sampling %d images from %s at %s steps, w = %g", _NUM.value, model.description, _steps(config), w)
+    decode = None  # built (the VAE fetched and checked) before sampling
+    if model.is_latent:  # the run's config, else what the exported model records (no --config needed)
+        decoding = generate.LatentDecoding.from_config(config) if config is not None else model.decoding
+        if decoding is not None and _VAE_PATH.value is not None:
+            decoding = dataclasses.replace(decoding, vae_path=_VAE_PATH.value)
+        elif decoding is None and _VAE_PATH.value:
+            raise ValueError(f"--vae_path: {model.description} records no latent statistics (raw_mean/raw_std); "
+                             "pass the run's --config")
+        decode = generate.make_latent_decoder(decoding)
     samples = generate.sample(model, steps=_steps(config), w=w, labels=labels, seed=_SEED.value)
-    decode = generate.make_decoder(config) if model.is_latent else None
     generate.write_outputs(out_dir, samples, labels, config=config, overwrite=_OVERWRITE.value, decode=decode)
 
 
@@ -136,7 +148,8 @@ def _export(config) -> None:
     model_io.save_model(_OUT.value, dit_config(config), model.params, overwrite=_OVERWRITE.value,
                         metadata={"scaled_param": bool(config.objective.scaled_param), "source": model.description,
                                   "w": float(config.sample.w), "raw_mean": list(config.data.raw_mean),
-                                  "raw_std": list(config.data.raw_std)})
+                                  "raw_std": list(config.data.raw_std), "final_std": float(config.data.final_std),
+                                  "vae_path": str(config.data.get("vae_path", "") or "")})
     logging.info("Exported %s to %s", model.description, _OUT.value)
 
 

@@ -33,38 +33,72 @@ def is_exported_model(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, CONFIG_FILE)) and os.path.isdir(os.path.join(directory, PARAMS_DIR))
 
 
+class ExportError(ValueError):
+    """The exported model cannot be written where it was asked to go."""
+
+
+def output_directory(path: str) -> str:
+    """The directory an export to ``path`` writes: ``path`` itself (absolute), or, when ``path`` is
+    a symbolic link to a directory, the link's target (the link stays and keeps pointing at the
+    model). A dangling link, or one to something other than a directory, is refused."""
+    path = os.path.abspath(path)
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        if not os.path.exists(target):
+            raise ExportError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: create that "
+                              "directory or remove the link")
+        if not os.path.isdir(target):
+            raise ExportError(f"{path} is a symbolic link to {target}, which is not a directory")
+        return target
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ExportError(f"{path} exists and is not a directory")
+    return path
+
+
 def save_model(directory: str, config: DiTConfig, params, *, metadata: dict[str, Any] | None = None,
                overwrite: bool = False) -> str:
-    """Writes ``config`` and ``params`` (an ``nnx.State`` or pure dict) to ``directory``.
+    """Writes ``config`` and ``params`` (an ``nnx.State`` or pure dict) to ``directory`` (see
+    :func:`output_directory` for symbolic links) and returns the directory written.
 
     Refuses to touch an existing non-empty directory unless ``overwrite`` (then the old content
-    is replaced only after the new one was written completely next to it)."""
-    directory = os.path.abspath(directory)
+    is replaced only after the new one was written completely next to it). On any failure
+    nothing is left behind (no partial model, no ``.tmp-export``/``.old-export`` siblings) and an
+    existing model is kept."""
+    import shutil
+
+    directory = output_directory(directory)
     if os.path.exists(directory) and os.listdir(directory) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     config.validate()
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     _check_against_config(config, pure)
-    tmp = directory + ".tmp-export"
-    if os.path.exists(tmp):
-        import shutil
-
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(tmp, PARAMS_DIR), jax.tree.map(np.asarray, pure))
-    meta = {"format": FORMAT, "config": dataclasses.asdict(config), "metadata": metadata or {}}
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(directory):
-        import shutil
-
-        old = directory + ".old-export"
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
+    tmp, old = directory + ".tmp-export", directory + ".old-export"
+    try:
+        for stale in (tmp, old):
+            if os.path.lexists(stale):
+                shutil.rmtree(stale)
+        os.makedirs(tmp)
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, PARAMS_DIR), jax.tree.map(np.asarray, pure))
+        meta = {"format": FORMAT, "config": dataclasses.asdict(config), "metadata": metadata or {}}
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if os.path.exists(directory):
+            os.replace(directory, old)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old, directory)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            where = e.filename or directory
+            raise ExportError(f"cannot write the model to {directory}: {e.strerror or e} ({where})") from None
+        raise
     return directory
 
 

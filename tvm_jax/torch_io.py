@@ -39,6 +39,20 @@ compiled or run. Plain ``torch.nn`` layers (and timm's ``PatchEmbed``/``Mlp``) a
 ``torch.storage._load_from_bytes(bytes)``; those bytes are a complete ``torch.save`` stream of
 their own and are decoded by the weights-only reader above (never by an unrestricted pickle).
 
+The official code's own module classes (``training.dit.Attention`` is not persistent, so every
+snapshot names it by reference; the other ``training.dit``/``training.wrapper`` classes too, for
+snapshots written without the decorator), timm's ``Mlp``/``PatchEmbed`` under ``timm.layers`` and
+``timm.models.layers`` are stand-ins as well. A ``torch.compile``'d network (``OptimizedModule``,
+as the official configs train) keeps its module as the ``_orig_mod`` child; its compiler context
+and OmegaConf config objects become :class:`OpaqueObject` records (``torch._dynamo.*``,
+``torch._inductor.*``, ``omegaconf.*``: never imported, never called). ``training-state-*.pt``
+(``torch.save`` of such modules) is read the same way.
+
+Bounds: a storage must be exactly as large as its zip entry (checked before reading, then read in
+bounded chunks) or fit in the legacy file's remaining bytes; copies of tensor views may not exceed
+twice the storage bytes read plus :data:`VIEW_ALLOWANCE_BYTES`. The allow-listed objects are
+immutable: a ``BUILD`` opcode aimed at one is refused.
+
 The DiT's state dict (official names: ``blocks.0.attn.qkv.weight``, ...) is taken from
 ``entry._modules["model"]`` (the TVMWrapper's network; also through ``_orig_mod``/``module``
 wrappers) or from ``entry`` itself when it holds ``blocks`` directly, with
@@ -53,9 +67,12 @@ pattern): they are rebuilt as inert :class:`ModuleStandIn` objects as well, neve
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import fnmatch
 import io
+import math
 import os
 import pickle
 import struct
@@ -77,6 +94,11 @@ __all__ = [
     "load_state_dict",
     "flatten_arrays",
     "module_state_dict",
+    "OpaqueObject",
+    "network_recipe",
+    "read_official_object",
+    "holds_modules",
+    "official_checkpoint",
     "read_official_pickle",
     "load_official_pickle",
 ]
@@ -114,15 +136,113 @@ _STORAGE_DTYPES: dict[str, Any] = {
 }
 
 
-class _StorageType:
+class _Frozen:
+    """Base of the reader's own allow-listed values (storage-type markers, tensor-type markers,
+    wrapped functions). They are shared by every load, so a pickle must not be able to alter them:
+    attributes cannot be set and a ``BUILD`` opcode aimed at one is refused."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise UnsafePickleError(f"refusing to modify the reader's allow-listed object {self!r}")
+
+    def __setstate__(self, state):
+        raise UnsafePickleError(f"refusing a pickle BUILD on the allow-listed object {self!r} (it would alter the "
+                                "reader's own objects)")
+
+
+class _StorageType(_Frozen):
     """Stands for ``torch.FloatStorage`` & co. inside persistent ids; cannot be called."""
 
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str):
-        self.name = name
-        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", np.dtype(_STORAGE_DTYPES[name]))
 
     def __repr__(self) -> str:
         return f"torch.{self.name}"
+
+
+class _AllowedFunction(_Frozen):
+    """An allow-listed function as the unpickler sees it: callable, immutable."""
+
+    __slots__ = ("fn", "name")
+
+    def __init__(self, fn: Callable, name: str):
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "name", name)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# ----------------------------------------------------------------------------- memory bounds
+
+# A tensor view may materialise more elements than its storage holds (torch.save keeps views, e.g.
+# expanded stride-0 tensors, as views; this reader copies them): per file at most twice the storage
+# bytes read plus this allowance.
+VIEW_ALLOWANCE_BYTES = 64 << 20
+# Deflate cannot inflate more than ~1032:1; a zip entry claiming more is not a real storage.
+_MAX_INFLATE_RATIO = 1100
+_READ_CHUNK = 16 << 20
+
+
+class _MemoryBudget:
+    """What one file may make the reader allocate: storages are bounded by the bytes the file
+    really holds (checked where they are read); copies of tensor views by the storages read."""
+
+    def __init__(self):
+        self.storage_bytes = 0
+        self.view_bytes = 0
+
+    def charge_view(self, nbytes: int, describe: Callable[[], str]) -> None:
+        allowed = 2 * self.storage_bytes + VIEW_ALLOWANCE_BYTES
+        if self.view_bytes + nbytes > allowed:
+            raise CheckpointFormatError(
+                f"{describe()} would materialise {nbytes:,} bytes, more than the file's storages can account for "
+                f"({self.storage_bytes:,} bytes of storage read; a view may not expand beyond 2x that + "
+                f"{VIEW_ALLOWANCE_BYTES >> 20} MiB): damaged or malicious file")
+        self.view_bytes += nbytes
+
+
+_BUDGET: contextvars.ContextVar[_MemoryBudget | None] = contextvars.ContextVar("torch_io_budget", default=None)
+
+
+@contextlib.contextmanager
+def _budget_scope():
+    """One budget per file read; nested loads (``_load_from_bytes`` payloads) share the outer one."""
+    if _BUDGET.get() is not None:
+        yield _BUDGET.get()
+        return
+    budget = _MemoryBudget()
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def _budget() -> _MemoryBudget:
+    budget = _BUDGET.get()
+    return budget if budget is not None else _MemoryBudget()
+
+
+def _read_bounded(f, n: int, where: str, what: str) -> bytearray:
+    """Exactly ``n`` bytes from ``f``, read in bounded chunks (never more than ``n``)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    while pos < n:
+        chunk = f.read(min(_READ_CHUNK, n - pos))
+        if not chunk:
+            raise CheckpointFormatError(f"{where}: {what} is truncated (wanted {n} bytes, got {pos})")
+        view[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
+    return buf
 
 
 class _Storage:
@@ -157,6 +277,9 @@ def _strided_copy(flat: np.ndarray, offset: int, size: tuple, stride: tuple) -> 
         raise CheckpointFormatError(
             f"tensor view (offset {offset}, size {size}, stride {stride}) reaches element {last} of a "
             f"storage with {flat.shape[0]} elements")
+    count = math.prod(size)
+    _budget().charge_view(count * flat.dtype.itemsize,
+                          lambda: f"a tensor view of size {size} (stride {stride}) on a {flat.shape[0]}-element storage")
     item = flat.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=tuple(st * item for st in stride))
     return np.array(view, copy=True, order="C")
@@ -196,11 +319,13 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
     return data
 
 
-class _Marker:
+class _Marker(_Frozen):
     """A named, inert value for a global such as ``torch.Tensor`` (never callable)."""
 
+    __slots__ = ("name",)
+
     def __init__(self, name: str):
-        self.name = name
+        object.__setattr__(self, "name", name)
 
     def __repr__(self) -> str:
         return self.name
@@ -211,11 +336,13 @@ _TENSOR_TYPES = {
     ("torch._tensor", "Tensor"): _Marker("torch.Tensor"),
     ("torch.nn.parameter", "Parameter"): _Marker("torch.nn.Parameter"),
 }
-_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_parameter, _rebuild_parameter_with_state)
+_REBUILDERS = {name: _AllowedFunction(fn, f"torch._utils.{name}") for name, fn in (
+    ("_rebuild_tensor", _rebuild_tensor), ("_rebuild_tensor_v2", _rebuild_tensor_v2),
+    ("_rebuild_parameter", _rebuild_parameter), ("_rebuild_parameter_with_state", _rebuild_parameter_with_state))}
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in _REBUILDERS or new_type not in _TENSOR_TYPES.values():
+    if func not in _REBUILDERS.values() or new_type not in _TENSOR_TYPES.values():
         raise UnsafePickleError(f"torch._tensor._rebuild_from_type_v2 with {func!r} / {new_type!r} is not allowed")
     return func(*args)
 
@@ -223,11 +350,22 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 # ----------------------------------------------------------------------------- other safe globals
 
 
+_MISSING = object()
+
+
+def _refuse_class_build(cls_or_state) -> None:
+    # ``BUILD`` aimed at an allow-listed *class* calls ``Class.__setstate__(state)`` unbound.
+    raise UnsafePickleError("refusing a pickle BUILD on an allow-listed class (it would alter the reader's own "
+                            "classes)")
+
+
 class _OrderedDict(dict):
     """``collections.OrderedDict`` (and dict subclasses such as EasyDict) as read from a file.
     A ``BUILD`` with instance attributes (``state_dict._metadata``) is kept in ``pickle_state``."""
 
-    def __setstate__(self, state):
+    def __setstate__(self, state=_MISSING):
+        if state is _MISSING:
+            _refuse_class_build(self)
         if not isinstance(state, dict):
             raise CheckpointFormatError(f"unexpected dict state of type {type(state).__name__}")
         self.pickle_state = state
@@ -270,20 +408,22 @@ _TORCH_DTYPES = (
     "int16", "short", "int8", "uint8", "bool", "complex64", "cfloat", "complex128", "cdouble",
 )
 
-# Globals that a weights-only stream (tensors inside dicts/lists) may name.
+def _allowed(module: str, name: str, fn: Callable) -> dict[tuple[str, str], _AllowedFunction]:
+    return {(module, name): _AllowedFunction(fn, f"{module}.{name}")}
+
+
+# Globals that a weights-only stream (tensors inside dicts/lists) may name. Every value is immutable
+# (a type, a string, or a _Frozen object): the unpickler's BUILD cannot alter them.
 _WEIGHTS_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    **{("torch._utils", name): fn for name, fn in _REBUILDERS.items()},
+    **_allowed("torch._tensor", "_rebuild_from_type_v2", _rebuild_from_type_v2),
     ("collections", "OrderedDict"): _OrderedDict,
-    ("_codecs", "encode"): _codecs_encode,
+    **_allowed("_codecs", "encode", _codecs_encode),
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytes"): _bytes,
-    ("torch", "Size"): _torch_size,
-    ("torch", "device"): _torch_device,
+    **_allowed("builtins", "bytes", _bytes),
+    **_allowed("torch", "Size", _torch_size),
+    **_allowed("torch", "device", _torch_device),
     **_TENSOR_TYPES,
     **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
     **{("torch.cuda", name): _StorageType(name) for name in _STORAGE_DTYPES if name != "UntypedStorage"},
@@ -323,7 +463,9 @@ class ModuleStandIn(PickledObject):
         raise UnsafePickleError(f"{self.qualname}: refusing to construct it from call arguments "
                                 "(module objects are only rebuilt from their __dict__)")
 
-    def __setstate__(self, state):
+    def __setstate__(self, state=_MISSING):
+        if state is _MISSING:
+            _refuse_class_build(self)
         if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
             merged = dict(state[0] or {})
             merged.update(state[1] or {})
@@ -333,15 +475,56 @@ class ModuleStandIn(PickledObject):
         self.state = state
 
 
-_STANDIN_CLASSES: dict[str, type] = {}
+class OpaqueObject(ModuleStandIn):
+    """Stands for a non-module object that an official pickle carries along but that holds no
+    weights: ``torch.compile``'s context (``OptimizeContext``, its compiler wrappers and hooks) and
+    OmegaConf containers (``DictConfig`` and its nodes, the training config's ``model_kwargs``).
+    Calling one records the arguments, nothing else; no attribute of the real class exists here."""
+
+    def __init__(self, *args, **kwargs):
+        self.state = {"args": args, "kwargs": kwargs}
 
 
-def _standin_class(qualname: str) -> type:
-    cls = _STANDIN_CLASSES.get(qualname)
+_STANDIN_CLASSES: dict[tuple[str, type], type] = {}
+
+
+def _standin_class(qualname: str, base: type = ModuleStandIn) -> type:
+    cls = _STANDIN_CLASSES.get((qualname, base))
     if cls is None:
-        cls = type(qualname.rsplit(".", 1)[-1], (ModuleStandIn,), {"qualname": qualname})
-        _STANDIN_CLASSES[qualname] = cls
+        cls = type(qualname.rsplit(".", 1)[-1], (base,), {"qualname": qualname})
+        _STANDIN_CLASSES[(qualname, base)] = cls
     return cls
+
+
+_OPTIMIZED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"
+
+
+def _optimized_module(orig_mod, dynamo_ctx=None):
+    # torch.compile's OptimizedModule pickles as OptimizedModule(orig_mod, dynamo_ctx): keep the
+    # module as the ``_orig_mod`` child (as in torch's own state dict), drop the compiler context.
+    if not (isinstance(orig_mod, PickledObject) and orig_mod.is_module):
+        raise UnsafePickleError(f"{_OPTIMIZED_MODULE} expects a module stand-in, got {type(orig_mod).__name__}")
+    module = _standin_class(_OPTIMIZED_MODULE).__new__(_standin_class(_OPTIMIZED_MODULE))
+    module.state = {"_parameters": {}, "_buffers": {}, "_modules": {"_orig_mod": orig_mod}}
+    return module
+
+
+def _opaque_getattr(*args):
+    # A bound method of a compiler-context object pickles as getattr(obj, "name").
+    if len(args) != 2 or not isinstance(args[0], OpaqueObject) or not isinstance(args[1], str):
+        raise UnsafePickleError("refusing to call builtins.getattr: it is only allowed as "
+                                "getattr(<torch.compile context stand-in>, name)")
+    return _standin_class(f"{args[0].qualname}.{args[1]}", OpaqueObject)()
+
+
+def _defaultdict(default_factory=None, *items):
+    # collections.defaultdict(factory) in OmegaConf metadata: a plain dict (the factory is dropped).
+    return _OrderedDict(*items)
+
+
+# Opaque objects, by module prefix (torch.compile context) or exact name.
+_OPAQUE_PREFIXES = ("torch._dynamo.", "torch._inductor.", "omegaconf.")
+_OPAQUE_NAMES = ("torch._TorchCompileInductorWrapper", "contextlib.nullcontext")
 
 
 def _copyreg_reconstructor(cls, base, state):
@@ -403,10 +586,22 @@ _MODULE_CLASSES = (
     "torch.nn.modules.sparse.Embedding",
     "torch.nn.modules.conv.Conv2d",
     "torch.nn.modules.dropout.Dropout",
+    "torch.nn.modules.flatten.Flatten",
+    "torch.nn.parallel.distributed.DistributedDataParallel",
+    # timm layers as the official DiT uses them (``from timm.models.vision_transformer import
+    # PatchEmbed, Mlp``), under the module paths of recent (timm.layers) and older timm releases
     "timm.layers.patch_embed.PatchEmbed",
     "timm.models.layers.patch_embed.PatchEmbed",
     "timm.layers.mlp.Mlp",
     "timm.models.layers.mlp.Mlp",
+    # The official code's own module classes (training/dit.py, training/wrapper.py). All but
+    # ``Attention`` are EDM-persistent (pickled with their source) in the official code; Attention
+    # is a plain nn.Module and every snapshot names it by reference. The others are listed for
+    # snapshots written without the persistence decorator.
+    *(f"training.dit.{name}" for name in ("Attention", "TimestepEmbedder", "LabelEmbedder", "DiTBlock",
+                                          "FinalLayer", "DiT", "DiT_XL_2", "DiT_XL_2_18h", "DiT_L_2", "DiT_B_2",
+                                          "DiT_S_2")),
+    "training.wrapper.TVMWrapper",
 )
 
 # ----------------------------------------------------------------------------- the unpickler
@@ -417,12 +612,13 @@ _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, allowed: dict[tuple[str, str], Any], *, where: str,
-                 allow_classes: Iterable[str] = (), persistent_load: Callable | None = None):
+                 allow_classes: Iterable[str] = (), persistent_load: Callable | None = None, opaque: bool = False):
         super().__init__(file, encoding="utf-8")
         self._allowed = allowed
         self._where = where
         self._patterns = tuple(allow_classes)
         self._persistent = persistent_load
+        self._opaque = opaque
 
     def find_class(self, module: str, name: str):
         module = _PY2_MODULES.get(module, module)  # what pickle's own find_class does for protocol < 3
@@ -432,6 +628,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         qualname = f"{module}.{name}"
         if any(fnmatch.fnmatchcase(qualname, p) for p in self._patterns):
             return _standin_class(qualname)
+        if self._opaque and (qualname in _OPAQUE_NAMES or qualname.startswith(_OPAQUE_PREFIXES)):
+            return _standin_class(qualname, OpaqueObject)
         raise UnsafePickleError(
             f"{self._where}: refusing to load global '{qualname}': it is not on the allow-list of this "
             "code-execution-free reader (if it is a harmless module class of the checkpoint's own code, "
@@ -442,6 +640,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().load()
         except (UnsafePickleError, CheckpointFormatError):
             raise
+        except MemoryError:
+            raise CheckpointFormatError(f"{self._where}: the pickle stream declares an object larger than the memory "
+                                        "available (damaged or malicious file)") from None
         except Exception as e:  # truncated or malformed streams raise many kinds of errors
             raise CheckpointFormatError(f"{self._where}: malformed pickle stream ({type(e).__name__}: {e})") from e
 
@@ -455,13 +656,23 @@ def _pid_name(value) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else value
 
 
-def _load_zip(source, *, allowed, where: str, allow_classes: Iterable[str] = ()):
+def _storage_record(pid, length: int, where: str):
+    """``(storage type, key, numel)`` of a ``("storage", type, key, location, numel, ...)`` id."""
+    if not isinstance(pid, tuple) or len(pid) != length or _pid_name(pid[0]) != "storage":
+        raise CheckpointFormatError(f"{where}: unexpected persistent id {pid!r}")
+    stype, key, numel = pid[1], pid[2], pid[4]
+    if not isinstance(stype, _StorageType) or not isinstance(numel, int) or numel < 0:
+        raise CheckpointFormatError(f"{where}: bad storage record {pid!r}")
+    return stype, str(key), numel
+
+
+def _load_zip(source, *, allowed, where: str, allow_classes: Iterable[str] = (), opaque: bool = False):
     """``torch.save`` zip archive (path or file object) -> the unpickled object."""
     try:
         zf = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointFormatError(f"{where}: damaged zip archive ({e})") from e
-    with zf:
+    with zf, _budget_scope() as budget:
         names = zf.namelist()
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
@@ -470,31 +681,40 @@ def _load_zip(source, *, allowed, where: str, allow_classes: Iterable[str] = ())
         prefix = pkls[0][: -len("data.pkl")]
         byteorder = "little"
         if prefix + "byteorder" in names:
-            byteorder = zf.read(prefix + "byteorder").decode("ascii").strip()
+            with zf.open(prefix + "byteorder") as f:
+                byteorder = f.read(16).decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
                 raise CheckpointFormatError(f"{where}: unknown byteorder record {byteorder!r}")
         storages: dict[str, _Storage] = {}
 
+        def read_storage(key: str, dtype: np.dtype, numel: int) -> bytearray:
+            name = f"{prefix}data/{key}"
+            try:
+                info = zf.getinfo(name)
+            except KeyError:
+                raise CheckpointFormatError(f"{where}: storage record {name} is missing") from None
+            need = numel * dtype.itemsize
+            # Bounded by what the archive really holds, before anything is read or allocated.
+            if info.file_size != need:  # torch.save writes each storage as exactly its bytes
+                raise CheckpointFormatError(f"{where}: storage {key} has {info.file_size} bytes, expected "
+                                            f"{numel} x {dtype.itemsize}")
+            stored = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else _MAX_INFLATE_RATIO)
+            if need > stored:
+                raise CheckpointFormatError(f"{where}: storage {key} declares {need:,} bytes but its zip entry stores "
+                                            f"only {info.compress_size:,} (damaged or malicious file)")
+            with zf.open(info) as f:
+                raw = _read_bounded(f, need, where, f"storage {key}")
+            budget.storage_bytes += need
+            return raw
+
         def persistent_load(pid):
-            if not isinstance(pid, tuple) or len(pid) != 5 or _pid_name(pid[0]) != "storage":
-                raise CheckpointFormatError(f"{where}: unexpected persistent id {pid!r}")
-            _, stype, key, _location, numel = pid
-            if not isinstance(stype, _StorageType) or not isinstance(numel, int):
-                raise CheckpointFormatError(f"{where}: bad storage record {pid!r}")
-            key = str(key)
+            stype, key, numel = _storage_record(pid, 5, where)
             if key in storages:
                 if storages[key].dtype != stype.dtype:
                     raise CheckpointFormatError(f"{where}: storage {key} is used with two dtypes")
                 return storages[key]
-            try:
-                raw = zf.read(f"{prefix}data/{key}")
-            except KeyError:
-                raise CheckpointFormatError(f"{where}: storage record {prefix}data/{key} is missing") from None
             dtype = stype.dtype.newbyteorder(">") if byteorder == "big" else stype.dtype
-            if len(raw) < numel * dtype.itemsize:
-                raise CheckpointFormatError(f"{where}: storage {key} has {len(raw)} bytes, expected "
-                                            f"{numel} x {dtype.itemsize}")
-            array = np.frombuffer(raw, dtype, count=numel)
+            array = np.frombuffer(read_storage(key, dtype, numel), dtype, count=numel)
             if byteorder == "big":
                 array = array.astype(stype.dtype)
             storages[key] = _Storage(stype.dtype, numel, array)
@@ -502,7 +722,7 @@ def _load_zip(source, *, allowed, where: str, allow_classes: Iterable[str] = ())
 
         with zf.open(pkls[0]) as f:
             return _RestrictedUnpickler(f, allowed, where=where, allow_classes=allow_classes,
-                                        persistent_load=persistent_load).load()
+                                        persistent_load=persistent_load, opaque=opaque).load()
 
 
 def _read_exact(f, n: int, where: str) -> bytes:
@@ -512,8 +732,20 @@ def _read_exact(f, n: int, where: str) -> bytes:
     return data
 
 
-def _load_legacy(f, *, allowed, where: str, allow_classes: Iterable[str] = ()):
-    """Legacy (non-zip) ``torch.save`` stream from a binary file object -> the unpickled object."""
+def _remaining(f) -> int:
+    pos = f.tell()
+    end = f.seek(0, io.SEEK_END)
+    f.seek(pos)
+    return end - pos
+
+
+def _load_legacy(f, *, allowed, where: str, allow_classes: Iterable[str] = (), opaque: bool = False):
+    """Legacy (non-zip) ``torch.save`` stream from a seekable binary file object -> the unpickled object."""
+    with _budget_scope() as budget:
+        return _load_legacy_stream(f, budget, allowed=allowed, where=where, allow_classes=allow_classes, opaque=opaque)
+
+
+def _load_legacy_stream(f, budget: _MemoryBudget, *, allowed, where, allow_classes, opaque):
     plain = lambda: _RestrictedUnpickler(f, {}, where=where).load()  # noqa: E731  (no globals at all)
     if plain() != _LEGACY_MAGIC:
         raise CheckpointFormatError(f"{where}: not a torch.save file (bad magic number)")
@@ -530,14 +762,9 @@ def _load_legacy(f, *, allowed, where: str, allow_classes: Iterable[str] = ()):
         kind = _pid_name(pid[0])
         if kind == "module" and len(pid) >= 2 and isinstance(pid[1], type) and issubclass(pid[1], ModuleStandIn):
             return pid[1]  # a class record (its class was vetted by find_class); source is ignored
-        if kind != "storage" or len(pid) != 6:
-            raise CheckpointFormatError(f"{where}: unexpected persistent id {pid!r}")
-        _, stype, key, _location, numel, view_metadata = pid
-        if not isinstance(stype, _StorageType) or not isinstance(numel, int):
-            raise CheckpointFormatError(f"{where}: bad storage record {pid!r}")
-        if view_metadata is not None:
+        stype, key, numel = _storage_record(pid, 6, where)
+        if pid[5] is not None:
             raise CheckpointFormatError(f"{where}: storage views of the pre-1.0 legacy format are not supported")
-        key = str(key)
         if key not in storages:
             storages[key] = _Storage(stype.dtype, numel)
         elif storages[key].dtype != stype.dtype:
@@ -545,7 +772,7 @@ def _load_legacy(f, *, allowed, where: str, allow_classes: Iterable[str] = ()):
         return storages[key]
 
     obj = _RestrictedUnpickler(f, allowed, where=where, allow_classes=allow_classes,
-                               persistent_load=persistent_load).load()
+                               persistent_load=persistent_load, opaque=opaque).load()
     keys = plain()
     if not isinstance(keys, list):
         raise CheckpointFormatError(f"{where}: bad storage key list")
@@ -557,7 +784,13 @@ def _load_legacy(f, *, allowed, where: str, allow_classes: Iterable[str] = ()):
         if count != storage.numel:
             raise CheckpointFormatError(f"{where}: storage {key} has {count} elements, expected {storage.numel}")
         dtype = storage.dtype if little else storage.dtype.newbyteorder(">")
-        array = np.frombuffer(_read_exact(f, count * dtype.itemsize, where), dtype)
+        need = count * dtype.itemsize
+        left = _remaining(f)
+        if need > left:  # checked before allocating: the file must really hold the declared data
+            raise CheckpointFormatError(f"{where}: storage {key} declares {count:,} elements ({need:,} bytes) but only "
+                                        f"{left:,} bytes are left in the file (damaged or malicious file)")
+        array = np.frombuffer(_read_bounded(f, need, where, f"storage {key}"), dtype)
+        budget.storage_bytes += need
         storage.array = array if little else array.astype(storage.dtype)
     missing = [k for k, s in storages.items() if s.array is None]
     if missing:
@@ -597,18 +830,24 @@ def _load_from_bytes(data) -> Any:
     return _load_legacy(io.BytesIO(data), allowed=_WEIGHTS_GLOBALS, where=where)
 
 
-# Globals an official (EDM-persistence) pickle may name, on top of the weights-only ones.
+# Globals an official (EDM-persistence) pickle or a torch.save of official modules may name, on top
+# of the weights-only ones (plus the opaque torch.compile/OmegaConf objects, see OpaqueObject).
 _OFFICIAL_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
-    ("torch.storage", "_load_from_bytes"): _load_from_bytes,
-    ("copyreg", "_reconstructor"): _copyreg_reconstructor,
+    **_WEIGHTS_GLOBALS,
+    **_allowed("torch_utils.persistence", "_reconstruct_persistent_obj", _reconstruct_persistent_obj),
+    **_allowed("torch.storage", "_load_from_bytes", _load_from_bytes),
+    **_allowed("copyreg", "_reconstructor", _copyreg_reconstructor),
     ("builtins", "object"): object,
     ("dnnlib.util", "EasyDict"): _OrderedDict,
-    ("timm.layers.format", "Format"): _enum_value,
-    ("timm.models.layers.format", "Format"): _enum_value,
+    **_allowed("timm.layers.format", "Format", _enum_value),
+    **_allowed("timm.models.layers.format", "Format", _enum_value),
+    **_allowed("torch._dynamo.eval_frame", "OptimizedModule", _optimized_module),
+    **_allowed("builtins", "getattr", _opaque_getattr),
+    **_allowed("collections", "defaultdict", _defaultdict),
+    ("builtins", "dict"): _Marker("builtins.dict"),
+    ("typing", "Any"): _Marker("typing.Any"),
     **{tuple(name.rsplit(".", 1)): _standin_class(name) for name in _MODULE_CLASSES},
 }
-
 
 
 # ----------------------------------------------------------------------------- public readers
@@ -641,15 +880,17 @@ def _check_file(path: str) -> None:
         raise CheckpointFormatError(f"{path}: not a regular file")
 
 
-def read_torch_file(path: str) -> Any:
+def read_torch_file(path: str, *, modules: bool = False, allow_classes: Iterable[str] = ()) -> Any:
     """The object stored by ``torch.save`` (zip or legacy format), with tensors as NumPy arrays,
-    read weights-only (see the module docstring for the allow-list)."""
+    read weights-only (see the module docstring for the allow-list). ``modules=True`` also admits
+    the official checkpoints' module classes as inert stand-ins (a ``training-state-*.pt``)."""
     fmt = detect_format(path)
+    allowed = _OFFICIAL_GLOBALS if modules else _WEIGHTS_GLOBALS
     if fmt == "torch-zip":
-        return _load_zip(path, allowed=_WEIGHTS_GLOBALS, where=path)
+        return _load_zip(path, allowed=allowed, where=path, allow_classes=allow_classes, opaque=modules)
     if fmt == "torch-legacy":
         with open(path, "rb") as f:
-            return _load_legacy(f, allowed=_WEIGHTS_GLOBALS, where=path)
+            return _load_legacy(f, allowed=allowed, where=path, allow_classes=allow_classes, opaque=modules)
     if fmt == "pickle":
         raise CheckpointFormatError(f"{path}: a plain Python pickle, not a torch.save file (official TVM checkpoints "
                                     "are read with read_official_pickle / load_official_pickle)")
@@ -780,7 +1021,8 @@ class _NotPlain(Exception):
 
 
 def _plain(value, depth: int = 0):
-    """``value`` if it is plain data (numbers, strings, arrays, containers of those)."""
+    """``value`` if it is plain data (numbers, strings, arrays, containers of those); OmegaConf
+    containers (the official training config's ``DictConfig``/``ListConfig``) become dicts/lists."""
     if depth > 100:
         raise _NotPlain
     if isinstance(value, (type(None), bool, int, float, complex, str, bytes, np.ndarray)):
@@ -789,7 +1031,91 @@ def _plain(value, depth: int = 0):
         return {_plain(k, depth + 1): _plain(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return type(value)(_plain(v, depth + 1) for v in value)
+    if isinstance(value, OpaqueObject) and value.qualname.startswith("omegaconf.") and isinstance(value.state, dict):
+        if "_content" in value.state:  # DictConfig / ListConfig
+            return _plain(value.state["_content"], depth + 1)
+        if "_val" in value.state:  # AnyNode, StringNode, ...
+            return _plain(value.state["_val"], depth + 1)
     raise _NotPlain
+
+
+def _class_name(obj: PickledObject) -> str:
+    return obj.class_name if isinstance(obj, PersistentObject) else obj.qualname.rsplit(".", 1)[-1]
+
+
+def _scalar(state: dict, key: str):
+    value = state.get(key)
+    return value if isinstance(value, (bool, int, float, str)) else None
+
+
+def _child(obj, *path):
+    for name in path:
+        if not isinstance(obj, PickledObject) or not obj.is_module:
+            return None
+        obj = obj.children().get(name)
+    return obj if isinstance(obj, PickledObject) else None
+
+
+_RECIPE_WRAPPER_FIELDS = ("img_resolution", "img_channels", "label_dim", "do_scale_param", "detach_jvp")
+
+
+def network_recipe(entry: PickledObject) -> dict[str, Any]:
+    """What an official network object records about its recipe, beyond its weights.
+
+    From the TVMWrapper's state (``training/wrapper.py``): ``img_resolution``, ``img_channels``,
+    ``label_dim``, ``do_scale_param``, ``detach_jvp``, ``dtype``, ``model_kwargs`` and the
+    persistence decorator's ``_init_kwargs`` (``model_type``, ``data_type``). From the modules
+    themselves (``training/dit.py``), which is what the network really computes: ``model_type``
+    (the DiT's class name), ``num_heads``, ``patch_size``, ``in_channels``, ``learn_guidance``,
+    ``do_mod_norm`` (the blocks'), ``qk_norm`` (whether ``attn.q_norm`` is an RMSNorm) and ``norm``
+    (the blocks' pre-norm: ``rms`` or ``layer``). Absent fields are left out."""
+    recipe: dict[str, Any] = {}
+    wrapper = entry
+    for _ in range(4):  # through torch.compile / DDP wrappers to the TVMWrapper or the DiT
+        children = wrapper.children() if wrapper.is_module else {}
+        inner = next((children[n] for n in ("_orig_mod", "module") if isinstance(children.get(n), PickledObject)), None)
+        if "model" in children or "blocks" in children or inner is None:
+            break
+        wrapper = inner
+    dit = _find_dit(entry)
+    if wrapper is not dit and isinstance(getattr(wrapper, "state", None), dict):
+        state = wrapper.state
+        recipe["wrapper"] = _class_name(wrapper)
+        recipe.update({k: _scalar(state, k) for k in _RECIPE_WRAPPER_FIELDS if _scalar(state, k) is not None})
+        if isinstance(state.get("dtype"), str):
+            recipe["dtype"] = state["dtype"]
+        for key in ("model_kwargs", "_init_kwargs"):
+            try:
+                value = _plain(state.get(key))
+            except _NotPlain:
+                continue
+            if isinstance(value, dict):
+                recipe["model_kwargs" if key == "model_kwargs" else "init_kwargs"] = value
+        for key in ("model_type", "data_type"):
+            value = recipe.get("init_kwargs", {}).get(key)
+            if isinstance(value, str):
+                recipe[key] = value
+    if dit is None:
+        return recipe
+    recipe["model_type"] = _class_name(dit)
+    recipe.update({k: _scalar(dit.state, k) for k in ("num_heads", "patch_size", "in_channels", "learn_guidance")
+                   if _scalar(dit.state, k) is not None})
+    block = _child(dit, "blocks", "0")
+    if block is not None:
+        if isinstance(block.state.get("do_mod_norm"), bool):
+            recipe["do_mod_norm"] = block.state["do_mod_norm"]
+        norm = _child(block, "norm1")
+        if norm is not None:
+            kind = _class_name(norm)
+            recipe["norm"] = {"RMSNorm": "rms", "LayerNorm": "layer"}.get(kind, kind)
+        attn = _child(block, "attn")
+        if attn is not None:
+            if isinstance(attn.state.get("num_heads"), int):
+                recipe.setdefault("num_heads", attn.state["num_heads"])
+            q_norm = _child(attn, "q_norm")
+            if q_norm is not None:
+                recipe["qk_norm"] = _class_name(q_norm) == "RMSNorm"
+    return recipe
 
 
 @dataclasses.dataclass
@@ -797,13 +1123,16 @@ class OfficialCheckpoint:
     """What :func:`read_official_pickle` found in an official checkpoint.
 
     ``networks``: top-level entries holding a DiT (``"net"``, ``"ema"``, ...), each as the DiT's
-    state dict with official names. ``metadata``: the top-level entries that are plain data.
-    ``other_entries``: names of the remaining entries (e.g. a persistent ``loss_fn`` object)."""
+    state dict with official names; ``recipes``: for the same entries, what
+    :func:`network_recipe` read from the network objects (empty for plain state dicts).
+    ``metadata``: the top-level entries that are plain data. ``other_entries``: names of the
+    remaining entries (e.g. a persistent ``loss_fn`` object)."""
 
     path: str
     networks: dict[str, dict[str, np.ndarray]]
     metadata: dict[str, Any]
     other_entries: list[str]
+    recipes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def default_weights(self) -> str:
@@ -824,19 +1153,35 @@ class OfficialCheckpoint:
         return self.networks[name]
 
 
-def read_official_pickle(path: str, *, allow_classes: Iterable[str] = ()) -> OfficialCheckpoint:
-    """Reads an official TVM checkpoint (an EDM-persistence pickle) without torch, without the
-    official code and without executing anything from it (see the module docstring)."""
-    _check_file(path)
-    with open(path, "rb") as f:
-        obj = _RestrictedUnpickler(f, {**_WEIGHTS_GLOBALS, **_OFFICIAL_GLOBALS}, where=path,
-                                   allow_classes=allow_classes).load()
+def read_official_object(path: str, *, allow_classes: Iterable[str] = ()) -> Any:
+    """The object stored in an official checkpoint file (a pickle or a ``torch.save`` file), with
+    module classes as inert stand-ins (see the module docstring); nothing from the file runs."""
+    fmt = detect_format(path)
+    if fmt == "pickle":
+        with open(path, "rb") as f, _budget_scope():
+            return _RestrictedUnpickler(f, _OFFICIAL_GLOBALS, where=path, allow_classes=allow_classes,
+                                        opaque=True).load()
+    if fmt in ("torch-zip", "torch-legacy"):
+        return read_torch_file(path, modules=True, allow_classes=allow_classes)
+    raise CheckpointFormatError(f"{path}: not an official checkpoint (a pickle or a torch.save file); "
+                                f"detected format: {fmt}")
+
+
+def holds_modules(obj) -> bool:
+    """Whether a loaded checkpoint object is (or holds at its top level) pickled module objects."""
+    values = obj.values() if isinstance(obj, dict) else [obj]
+    return any(isinstance(v, PickledObject) for v in values)
+
+
+def official_checkpoint(obj, path: str) -> OfficialCheckpoint:
+    """Sorts a loaded official checkpoint object into networks, recipes and metadata."""
     if isinstance(obj, PickledObject):
         obj = {"net": obj}
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path}: expected a pickled dict such as {{'net': ..., 'ema': ...}}, "
                                     f"got {type(obj).__name__}")
     networks: dict[str, dict[str, np.ndarray]] = {}
+    recipes: dict[str, dict[str, Any]] = {}
     metadata: dict[str, Any] = {}
     others: list[str] = []
     for name, value in obj.items():
@@ -845,6 +1190,7 @@ def read_official_pickle(path: str, *, allow_classes: Iterable[str] = ()) -> Off
             dit = _find_dit(value)
             if dit is not None:
                 networks[name] = module_state_dict(dit)
+                recipes[name] = network_recipe(value)
             else:
                 others.append(name)
             continue
@@ -852,6 +1198,7 @@ def read_official_pickle(path: str, *, allow_classes: Iterable[str] = ()) -> Off
             net = _dict_network(value)
             if net is not None:
                 networks[name] = net
+                recipes[name] = {}
                 continue
         try:
             metadata[name] = _plain(value)
@@ -860,7 +1207,16 @@ def read_official_pickle(path: str, *, allow_classes: Iterable[str] = ()) -> Off
     if not networks:
         raise CheckpointFormatError(f"{path}: no DiT network found among the entries {sorted(map(str, obj))} "
                                     "(expected e.g. 'net' whose model has 'blocks')")
-    return OfficialCheckpoint(path=path, networks=networks, metadata=metadata, other_entries=others)
+    return OfficialCheckpoint(path=path, networks=networks, metadata=metadata, other_entries=others, recipes=recipes)
+
+
+def read_official_pickle(path: str, *, allow_classes: Iterable[str] = ()) -> OfficialCheckpoint:
+    """Reads an official TVM checkpoint without torch, without the official code and without
+    executing anything from it (see the module docstring): a snapshot pickle
+    (``network-snapshot-*.pkl``, ``pickle.dump(dict(net=ema, dataset_kwargs=...))``) or a
+    ``torch.save`` file of official modules (``training-state-*.pt``: ``net``, ``ema``,
+    ``ema_target``, optimiser and scaler state)."""
+    return official_checkpoint(read_official_object(path, allow_classes=allow_classes), path)
 
 
 def load_official_pickle(path: str, weights: str | None = None, *,

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tvm_jax import hub
+
 __all__ = [
     "VAEConfig",
     "AutoencoderKL",
@@ -573,7 +575,11 @@ def load_diffusers_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.
 
 def vae_files(folder: str | Path) -> tuple[Path, Path]:
     """``(config.json, weights)`` paths of a diffusers ``AutoencoderKL`` folder; raises
-    ``FileNotFoundError`` naming what is missing (cheap: reads nothing)."""
+    ``FileNotFoundError`` naming what is missing (cheap: reads nothing). ``hf://ORG/NAME[/SUBDIR]``
+    names a folder on the Hugging Face Hub: just those two files are fetched into the standard
+    Hugging Face cache (see :mod:`tvm_jax.hub`)."""
+    if hub.is_hub_path(folder):
+        folder = hub.download_folder(folder, [CONFIG_NAME, WEIGHTS_NAME])
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"VAE folder not found: {folder}")
@@ -589,7 +595,7 @@ def vae_files(folder: str | Path) -> tuple[Path, Path]:
 
 
 def load_vae(folder: str | Path, dtype=jnp.float32, *, precision=None) -> AutoencoderKL:
-    """Loads a local diffusers-format ``AutoencoderKL`` folder.
+    """Loads a diffusers-format ``AutoencoderKL`` folder (local, or ``hf://ORG/NAME`` on the Hub).
 
     The folder must hold ``config.json`` and ``diffusion_pytorch_model.safetensors`` (read with
     ``safetensors.numpy``; no torch). ``dtype`` is the compute dtype; parameters stay float32.
