@@ -13,7 +13,8 @@ Per shape (batch, heads, seq, dim), bf16 inputs from N(0, 1), and impl in {palla
   ``(q, k, v, tq, tk, tv) -> jax.jvp(attention, (q, k, v), (tq, tk, tv))`` applied to
   random cotangents of both o and t_o, jitted as one function (all six input cotangents);
 * ``plain_fwd_bwd``: forward + backward without tangents (pallas, xla, and cuDNN through
-  ``jax.nn.dot_product_attention(implementation="cudnn")`` where cuDNN takes the shape).
+  ``attention(impl="cudnn")``, i.e. ``jax.nn.dot_product_attention(implementation="cudnn")``,
+  where cuDNN takes the shape).
 
 Latency: jit, warm up, then the median over ``--iters`` samples (>= 20) of back-to-back
 calls rotating over 3 input sets, each synchronised with ``block_until_ready`` (a sample
@@ -22,13 +23,17 @@ matmuls of the math, no recomputation: 12·B·H·S²·D for jvp_fwd, 36·B·H·S
 jvp_fwd_bwd, 12·B·H·S²·D for plain_fwd_bwd (4 forward + 8 backward). Peak memory is the
 compiled executable's ``memory_analysis()``: argument + output + temp bytes (- aliased).
 
-Before timing, the Pallas outputs and all gradients are compared with XLA's (relative
-Frobenius error, printed and stored).
+Before timing, the Pallas (and cuDNN) outputs and all gradients are compared with XLA's
+(relative Frobenius error, printed and stored). ``--write-table`` stores per shape and mode the
+pallas, xla and (plain mode) cudnn latencies that ``impl="auto"`` chooses from.
 
 ``--sweep`` times candidate KernelConfigs for each kernel (the others at their defaults):
 fwd on the plain forward, bwd_kv/bwd_q on plain fwd+bwd, jvp_fwd on jvp_fwd, jvp_bwd_kv/
 jvp_bwd_q on jvp_fwd_bwd; it reports the best per kernel and the combined best config
 (JSON, loadable with ``--config``). Configs that fail to compile are reported as failed.
+With several shapes, ``best_config_per_head_dim`` merges them: per kernel, the candidate
+with the smallest summed slowdown relative to each shape's fastest (candidate lists per
+head dim in ``SWEEP``).
 
 Needs only jax and numpy. ``--interpret`` runs everything in the Pallas interpreter (a
 CPU smoke test of this script with tiny shapes; timings then mean nothing).
@@ -61,22 +66,42 @@ from kernels.config import KERNEL_NAMES, padded_head_dim  # noqa: E402
 DEFAULT_SHAPES = "1,24,1024,128;1,24,4096,128;1,24,8192,128;1,1,16384,128;32,18,256,64;32,18,1024,64"
 FLOP_FACTOR = {"jvp_fwd": 12, "jvp_fwd_bwd": 36, "plain_fwd_bwd": 12}
 
-# Candidate configs for --sweep: (block_q, block_k, num_warps, num_stages). Pruned offline
-# (sm_90a compile of the Triton IR, see kernels/config.py): mostly configs that compile without
-# heavy register spilling at D=64 or D=128, plus the spill-free mma.sync alternatives.
+# Candidate configs for --sweep, per padded head dim: (block_q, block_k, num_warps, num_stages).
+# Head dim 128: pruned offline (sm_90a compile of the Triton IR, see kernels/config.py): mostly
+# configs that compile without heavy register spilling, plus the spill-free mma.sync
+# alternatives. Head dim 64 (DiT-XL/2): half the registers per row, so larger tiles and 4 warps
+# join the list; its lists start with the defaults they were swept against.
 SWEEP = {
-    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2),
-            (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3)],
-    "bwd_kv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 128, 8, 3),
-               (64, 64, 8, 3), (128, 32, 8, 2), (32, 64, 8, 2)],
-    "bwd_q": [(128, 64, 8, 2), (128, 32, 8, 2), (128, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 3),
-              (64, 128, 8, 2), (128, 64, 4, 2)],
-    "jvp_fwd": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 2),
-                (128, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2), (128, 16, 8, 2)],
-    "jvp_bwd_kv": [(32, 64, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2),
-                   (128, 16, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 8, 3), (32, 64, 8, 3)],
-    "jvp_bwd_q": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2),
-                  (128, 16, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3)],
+    128: {
+        "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2),
+                (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3)],
+        "bwd_kv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 128, 8, 3),
+                   (64, 64, 8, 3), (128, 32, 8, 2), (32, 64, 8, 2)],
+        "bwd_q": [(128, 64, 8, 2), (128, 32, 8, 2), (128, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 3),
+                  (64, 128, 8, 2), (128, 64, 4, 2)],
+        "jvp_fwd": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 2),
+                    (128, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2), (128, 16, 8, 2)],
+        "jvp_bwd_kv": [(32, 64, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2),
+                       (128, 16, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 8, 3), (32, 64, 8, 3)],
+        "jvp_bwd_q": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2),
+                      (128, 16, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3)],
+    },
+    64: {
+        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (128, 64, 4, 4), (128, 128, 8, 3),
+                (128, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
+        "bwd_kv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 4, 2), (64, 128, 8, 3), (64, 128, 4, 2),
+                   (128, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2), (16, 128, 8, 2)],
+        "bwd_q": [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 2),
+                  (128, 32, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 3)],
+        "jvp_fwd": [(64, 64, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
+                    (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2),
+                    (64, 32, 4, 3)],
+        "jvp_bwd_kv": [(32, 64, 8, 2), (32, 64, 8, 3), (32, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3),
+                       (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (64, 32, 8, 3),
+                       (128, 64, 8, 2)],
+        "jvp_bwd_q": [(128, 32, 8, 2), (128, 32, 8, 3), (128, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+                      (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2), (64, 32, 4, 3), (128, 16, 8, 2)],
+    },
 }  # fmt: skip
 SWEEP_MEASURE = {
     "fwd": "plain_fwd",
@@ -105,7 +130,7 @@ def parse_shapes(text):
 def make_fns(impl, scale, cfg, interpret):
     """The jitted benchmark functions for one impl ('pallas' | 'xla' | 'cudnn')."""
     if impl == "cudnn":
-        attn_plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        attn_plain = lambda q, k, v: attention(q, k, v, impl="cudnn", scale=scale)
         attn_jvp = None
     else:
         kw = dict(impl=impl, scale=scale)
@@ -201,8 +226,9 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def correctness(pallas, xla, args):
-    """Relative error of every output/gradient of pallas vs xla (jvp_fwd_bwd and plain_fwd_bwd)."""
+def correctness(pallas, xla, args, cudnn=None):
+    """Relative error of every output/gradient of pallas vs xla (jvp_fwd_bwd and plain_fwd_bwd),
+    and of cudnn vs xla (plain_fwd_bwd) when cudnn compiled."""
     for d in (pallas, xla):
         for kind in ("jvp_fwd_bwd", "plain_fwd_bwd"):
             if isinstance(d.get(kind), str):
@@ -218,6 +244,11 @@ def correctness(pallas, xla, args):
     out["plain"] = {"o": rel(o, xo)}
     for name, a, b in zip(("dq", "dk", "dv"), g, xg):
         out["plain"][name] = rel(a, b)
+    if cudnn is not None and not isinstance(cudnn.get("plain_fwd_bwd"), str):
+        o, g = cudnn["plain_fwd_bwd"](*args)
+        out["cudnn_plain"] = {"o": rel(o, xo)}
+        for name, a, b in zip(("dq", "dk", "dv"), g, xg):
+            out["cudnn_plain"][name] = rel(a, b)
     return out
 
 
@@ -255,15 +286,21 @@ def measure(compiled, arg_sets, iters, shape):
 # ----------------------------------------------------------------------------- sweep
 
 
+def sweep_candidates(head_dim):
+    """--sweep candidates for a head dim: the head-dim-64 lists up to 64, else the 128 ones."""
+    return SWEEP[64 if padded_head_dim(head_dim) <= 64 else 128]
+
+
 def sweep_shape(shape, base_cfg, arg_sets, iters, interpret, kernels):
     b, h, s, d = shape
     scale = d**-0.5
+    candidates = sweep_candidates(d)
     results = {}
     best = {}
     for name in kernels:
         kind = SWEEP_MEASURE[name]
         rows = []
-        for bq, bk, w, st in SWEEP[name]:
+        for bq, bk, w, st in candidates[name]:
             kc = KernelConfig(bq, bk, w, st)
             cfg = dataclasses.replace(base_cfg, **{name: kc})
             fns = make_fns("pallas", scale, cfg, interpret)
@@ -284,6 +321,36 @@ def sweep_shape(shape, base_cfg, arg_sets, iters, interpret, kernels):
         base_cfg, **{n: KernelConfig(**r["config"]) for n, r in best.items()}
     )
     return {"kernels": results, "best": {n: r for n, r in best.items()}, "best_config": best_cfg.to_dict()}
+
+
+def best_config_per_head_dim(report):
+    """One config per padded head dim over all swept shapes of that head dim.
+
+    Per kernel: the candidate with the smallest sum over shapes of (its ms / the shape's best
+    ms), among candidates that ran at every shape; so each shape weighs the same whatever
+    its absolute time. A kernel with no such candidate keeps the first shape's config.
+    """
+    by_dim = {}
+    for e in report["shapes"]:
+        if "sweep" in e:
+            by_dim.setdefault(padded_head_dim(e["shape"][3]), []).append(e)
+    out = {}
+    for dim, entries in by_dim.items():
+        cfg = dict(entries[0]["sweep"]["best_config"])
+        for name in entries[0]["sweep"]["kernels"]:
+            scores = {}
+            for e in entries:
+                rows = [r for r in e["sweep"]["kernels"][name]["rows"] if r["ms"] is not None]
+                if not rows:
+                    scores = {}
+                    break
+                fastest = min(r["ms"] for r in rows)
+                ok = {json.dumps(r["config"], sort_keys=True): r["ms"] / fastest for r in rows}
+                scores = ok if e is entries[0] else {c: scores[c] + v for c, v in ok.items() if c in scores}
+            if scores:
+                cfg[name] = json.loads(min(scores, key=scores.get))
+        out[str(dim)] = cfg
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -351,7 +418,9 @@ def main(argv=None):
         compiled = {impl: compile_all(f, kinds, arg_sets[0]) for impl, f in fns.items()}
         if "xla" in compiled:
             try:
-                entry["rel_err_pallas_vs_xla"] = correctness(compiled["pallas"], compiled["xla"], arg_sets[0])
+                entry["rel_err_pallas_vs_xla"] = correctness(
+                    compiled["pallas"], compiled["xla"], arg_sets[0], compiled.get("cudnn")
+                )
                 worst = max(v for grp in entry["rel_err_pallas_vs_xla"].values() for v in grp.values())
                 print("  rel err pallas vs xla:", json.dumps(entry["rel_err_pallas_vs_xla"]), flush=True)
                 if worst > 5e-2:
@@ -378,12 +447,15 @@ def main(argv=None):
             print("  best config:", json.dumps(entry["sweep"]["best_config"]), flush=True)
         report["shapes"].append(entry)
         del arg_sets, fns
+        if args.out:  # after every shape, so a run stopped at its time limit keeps what it measured
+            write_json(args.out, report)
+    if args.sweep:
+        report["best_config_per_head_dim"] = best_config_per_head_dim(report)
+        print("best config per head dim:", json.dumps(report["best_config_per_head_dim"]), flush=True)
     report["total_s"] = time.time() - t_start
 
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report)
         print(f"\nwrote {args.out}")
     if args.write_table:
         if not on_gpu:
@@ -393,6 +465,12 @@ def main(argv=None):
         print(f"updated {args.table or auto_table.TABLE_PATH} with {len(entries)} entries")
     print_summary(report)
     return report
+
+
+def write_json(path, report):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def table_entries(report):
@@ -407,8 +485,12 @@ def table_entries(report):
             pallas_ms = res["pallas"].get(kind, {}).get("ms")
             if xla_ms is None and pallas_ms is None:
                 continue
+            cudnn = {}
+            if mode == "plain" and "cudnn" in res:  # null: cuDNN refused or failed the shape
+                cudnn["cudnn_ms"] = res["cudnn"].get(kind, {}).get("ms")
             entries.append(
                 {
+                    **cudnn,
                     "device_kind": report["device_kind"],
                     "mode": mode,
                     "dtype": "bfloat16",

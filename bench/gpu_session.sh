@@ -18,7 +18,7 @@ for stage in "$@"; do
     attention)
       timeout 330 python3 bench/attention.py --out "$OUT/attention.json" 2>&1 | tail -40 ;;
     sweep)
-      timeout 420 python3 bench/attention.py --sweep --no-xla --no-cudnn --shapes "1,24,4096,128;32,18,256,64" --out "$OUT/sweep.json" 2>&1 | tail -40 ;;
+      timeout 420 python3 bench/attention.py --sweep --no-xla --no-cudnn --shapes "32,18,256,64;32,18,1024,64" --out "$OUT/sweep.json" 2>&1 | tail -40 ;;
     train)
       timeout 420 python3 bench/train_step.py --variants "${TRAIN_VARIANTS:-default}" --out "$OUT/train_step.json" 2>&1 | tail -25 ;;
     sampling)

@@ -10,11 +10,12 @@ import numpy as np
 from jax import lax
 
 from kernels import auto as _auto
+from kernels import cudnn as _cudnn
 from kernels import flash as _flash
 from kernels.config import MAX_HEAD_DIM, AttentionConfig, padded_head_dim
 from kernels.reference import attention_xla
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas", "cudnn")
 _PALLAS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 # Kernels whose block sizes bound the padding, per mode.
 _PLAIN_KERNELS = ("fwd", "bwd_kv", "bwd_q")
@@ -215,8 +216,12 @@ def attention(
       q: (B, Sq, H, D). k, v: (B, Sk, H, D); same dtype as q (Sk may differ from Sq).
       scale: softmax scale (static float); default ``D ** -0.5``.
       impl: ``"xla"`` (jnp reference, differentiable in every mode), ``"pallas"`` (Triton
-        kernels) or ``"auto"`` (per-shape choice from ``kernels/auto_table.json``; XLA on CPU
-        and for unmeasured shapes; see :mod:`kernels.auto`).
+        kernels), ``"cudnn"`` (cuDNN's fused attention through
+        ``jax.nn.dot_product_attention``; plain mode, bf16/fp16, head dim a multiple of 8,
+        even sequence lengths, CUDA GPU only: anything else raises ``ValueError`` naming
+        the reason, no fallback; see :mod:`kernels.cudnn`) or ``"auto"`` (per-shape choice
+        among these from ``kernels/auto_table.json``, cuDNN only where it can take the call;
+        XLA on CPU and for unmeasured shapes; see :mod:`kernels.auto`).
       jvp: Pallas only. ``False``: a ``custom_vjp`` (flash forward + flash backward): supports
         ``grad``/``vjp``/``vmap``/``jit``, not ``jax.jvp`` (raises JAX's error).
         ``True``: a ``custom_jvp`` whose JVP is the fused forward+tangent kernel
@@ -244,13 +249,22 @@ def attention(
     q, k, v = _check_arrays(("q", "k", "v"), (q, k, v), pallas=impl == "pallas")
     head_dim = q.shape[3]
     scale = _resolve_scale(scale, head_dim)
+    cudnn_reason = None
+    if impl in ("cudnn", "auto"):
+        cudnn_reason = _cudnn.unsupported_reason(q.shape[1], k.shape[1], head_dim, q.dtype, jvp=jvp)
+    if impl == "cudnn" and cudnn_reason:
+        raise ValueError(f"impl='cudnn' {cudnn_reason}")
     if impl == "auto":
         mode = "jvp" if jvp else "plain"
-        impl = _auto.choose_impl(mode, max(q.shape[1], k.shape[1]), head_dim, q.dtype)
+        impl = _auto.choose_impl(
+            mode, max(q.shape[1], k.shape[1]), head_dim, q.dtype, cudnn=cudnn_reason is None
+        )
         if impl == "pallas":
             _check_arrays(("q", "k", "v"), (q, k, v), pallas=True)
     if impl == "xla":
         return attention_xla(q, k, v, scale=scale)
+    if impl == "cudnn":
+        return _batch_sharded(lambda q, k, v: _cudnn.attention_cudnn(q, k, v, scale=scale), (q, k, v), 1)
 
     interpret = _resolve_interpret(interpret)
     cfg = _resolve_config(block_sizes, head_dim, q.dtype)

@@ -1,4 +1,4 @@
-"""``impl="auto"``: pick the Pallas kernels or XLA per shape, from committed GPU measurements.
+"""``impl="auto"``: pick Pallas, cuDNN or XLA per shape, from committed GPU measurements.
 
 The table is ``kernels/auto_table.json``, written by ``bench/attention.py --write-table``::
 
@@ -15,6 +15,7 @@ The table is ``kernels/auto_table.json``, written by ``bench/attention.py --writ
           "shape": [1, 24, 4096, 128],# measured (batch, heads, seq, head_dim), informational
           "pallas_ms": 8.1,           # median latency of the whole call, ms (null: failed)
           "xla_ms": 13.0,
+          "cudnn_ms": 2.1,            # optional, plain mode: cuDNN's fused attention
           "date": "2025-01-01",
           "jax_version": "0.11.2",
           "config": {...}             # optional: AttentionConfig.to_dict() that was measured
@@ -25,14 +26,20 @@ The table is ``kernels/auto_table.json``, written by ``bench/attention.py --writ
 Decision for a call (mode, seq_len, head_dim, dtype) on device kind ``K``:
 
 * not on a GPU backend → ``"xla"``;
+* candidates: ``"xla"`` and ``"pallas"``, plus ``"cudnn"`` only when the caller says cuDNN
+  can take the call (``cudnn=True``: mode, dtype, lengths, head dim and GPU checked by
+  :func:`kernels.cudnn.unsupported_reason`);
 * matching entries = same mode, dtype, padded head dim and seq bucket;
-* if the table has any entry for ``K``: use only K's matching entries; ``"pallas"`` iff
-  they exist and ``sum(pallas_ms) < sum(xla_ms)``; otherwise ``"xla"``;
-* if the table has no entry at all for ``K`` (an unmeasured GPU): use the matching entries
-  of the other GPUs; ``"pallas"`` iff there is at least one such GPU and every one of them
-  (deciding by its own sums as above) prefers pallas; otherwise ``"xla"``.
+* a group of entries picks the candidate with the smallest ``sum(<impl>_ms)`` over the
+  group, counting only candidates measured (non-null) in every entry of the group; ties go
+  to ``"xla"``, then ``"pallas"``; an empty group picks ``"xla"``;
+* if the table has any entry for ``K``: the group is K's matching entries;
+* if the table has no entry at all for ``K`` (an unmeasured GPU): each other GPU's matching
+  entries pick for that GPU; the choice is theirs iff there is at least one such GPU and
+  they all agree; otherwise ``"xla"``.
 
-So an unmeasured shape always falls back to XLA, the measured-safe default.
+So an unmeasured shape always falls back to XLA, the measured-safe default, and cuDNN is
+never chosen for a call it cannot take.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ from kernels.config import MIN_BLOCK, next_pow2, padded_head_dim
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 TABLE_FORMAT = 1
 MODES = ("plain", "jvp")
+IMPLS = ("xla", "pallas", "cudnn")  # in tie-break order
 _REQUIRED = ("device_kind", "mode", "dtype", "head_dim", "seq_bucket", "pallas_ms", "xla_ms")
 
 _cache: dict = {}
@@ -69,6 +77,8 @@ def _validate_table(table: Any, where: str) -> dict:
             raise ValueError(f"auto table {where}: entry {i} lacks {missing}")
         if e["mode"] not in MODES:
             raise ValueError(f"auto table {where}: entry {i} has unknown mode {e['mode']!r}")
+        if e["mode"] != "plain" and "cudnn_ms" in e:
+            raise ValueError(f"auto table {where}: entry {i} has cudnn_ms in mode {e['mode']!r} (plain only)")
     return dict(table)
 
 
@@ -86,13 +96,14 @@ def load_table(path: str | os.PathLike | None = None) -> dict:
     return _cache[key]
 
 
-def _prefers_pallas(entries) -> bool:
-    if not entries:
-        return False
-    if any(e["pallas_ms"] is None for e in entries):
-        return False
-    xla = sum(float("inf") if e["xla_ms"] is None else e["xla_ms"] for e in entries)
-    return sum(e["pallas_ms"] for e in entries) < xla
+def _fastest(entries, candidates) -> str:
+    """The candidate with the smallest summed latency over ``entries`` (see module docstring)."""
+    best, best_ms = "xla", float("inf")
+    for impl in candidates:
+        times = [e.get(f"{impl}_ms") for e in entries]
+        if times and all(t is not None for t in times) and sum(times) < best_ms:
+            best, best_ms = impl, sum(times)
+    return best
 
 
 def choose_impl(
@@ -104,8 +115,13 @@ def choose_impl(
     device_kind: str | None = None,
     backend: str | None = None,
     table: Mapping | str | os.PathLike | None = None,
+    cudnn: bool = False,
 ) -> str:
-    """Returns ``"pallas"`` or ``"xla"`` (see module docstring). ``table``: dict, path or None."""
+    """Returns ``"pallas"``, ``"cudnn"`` or ``"xla"`` (see module docstring).
+
+    ``table``: dict, path or None (the shipped table). ``cudnn``: whether cuDNN can take this
+    call (the caller checks; see :func:`kernels.cudnn.unsupported_reason`).
+    """
     import jax
     import numpy as np
 
@@ -125,6 +141,7 @@ def choose_impl(
     dim = padded_head_dim(int(head_dim))
     bucket = seq_bucket(seq_len)
     entries = table["entries"]
+    candidates = IMPLS if cudnn else IMPLS[:2]
     match = [
         e
         for e in entries
@@ -134,13 +151,12 @@ def choose_impl(
         and int(e["seq_bucket"]) == bucket
     ]
     if any(e["device_kind"] == device_kind for e in entries):
-        return "pallas" if _prefers_pallas([e for e in match if e["device_kind"] == device_kind]) else "xla"
+        return _fastest([e for e in match if e["device_kind"] == device_kind], candidates)
     by_gpu: dict = {}
     for e in match:
         by_gpu.setdefault(e["device_kind"], []).append(e)
-    if by_gpu and all(_prefers_pallas(v) for v in by_gpu.values()):
-        return "pallas"
-    return "xla"
+    picks = {_fastest(v, candidates) for v in by_gpu.values()}
+    return picks.pop() if len(picks) == 1 else "xla"
 
 
 def entry_key(e: Mapping) -> tuple:

@@ -25,7 +25,7 @@ largest block size the current mode can use (nothing is padded when already alig
 ``num_warps``/``num_stages`` are passed to ``plgpu.CompilerParams``; they do nothing in
 interpret mode.
 
-How the defaults were chosen (no GPU was available): every kernel was lowered for CUDA
+How the first defaults were chosen (no GPU was available): every kernel was lowered for CUDA
 (Pallas -> Triton IR) for a grid of configs (block_q, block_k in 16..128, 4/8 warps,
 2/3 stages) at D=64 and D=128, and the IR compiled offline for sm_90a with pip Triton 3.9
 and its ptxas, recording registers, spills and shared memory. Findings (Triton 3.9; the
@@ -38,8 +38,10 @@ Triton inside XLA may differ somewhat):
 * a tile whose MMA M dimension (block_q in q-grid kernels, block_k in k-grid kernels) is
   below 64 compiles to ``mma.sync`` (MMAv2) instead of Hopper ``wgmma``.
 
-The defaults below are the largest wgmma tiles without (or with little) spilling; the
-sweep candidates in ``bench/attention.py`` cover the spill-free alternatives.
+Those were the largest wgmma tiles without (or with little) spilling. Measured on an H200,
+the sweep (``bench/attention.py --sweep``, candidates per head dim in its ``SWEEP``) replaced
+them for 2-byte inputs at head dims 64 and 128; at 64 it preferred 64-row tiles on 4 warps
+(one warpgroup) for the tangent kernels, which the register count alone did not predict.
 """
 from __future__ import annotations
 
@@ -149,19 +151,23 @@ def _kc(bq, bk, w, s):
     return KernelConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
 
 
-# Defaults per padded head dim (16/32/64 share one set). Chosen from an offline compile of
-# the kernels for sm_90a (Pallas -> TTIR here, then Triton 3.9 + ptxas on the CPU; see
-# "How the defaults were chosen" below): the largest tiles that compile without (or with
-# only a few bytes of) register spills and fit in shared memory. To be confirmed on the GPU
-# with ``bench/attention.py --sweep`` (done for head dim 128 on an H200; see bench/NOTES.md).
+# Defaults per padded head dim (16/32/64 share one set). Head dims 64 and 128 (2-byte inputs):
+# the winners of ``bench/attention.py --sweep`` on an H200 (see bench/NOTES.md). Head dim 256
+# and the 4-byte tiles below: from an offline compile of the kernels for sm_90a (Pallas ->
+# TTIR here, then Triton 3.9 + ptxas on the CPU; see "How the defaults were chosen" above):
+# the largest tiles that compile without (or with only a few bytes of) register spills and fit
+# in shared memory.
 _DEFAULTS = {
-    64: AttentionConfig(
-        fwd=_kc(128, 64, 4, 3),  # 252 regs, no spill
-        bwd_kv=_kc(64, 128, 8, 2),  # 199 regs
-        bwd_q=_kc(128, 64, 8, 2),  # 118 regs
-        jvp_fwd=_kc(64, 64, 8, 3),  # 170 regs (128x64 spills a few bytes)
-        jvp_bwd_kv=_kc(32, 64, 8, 2),  # ~116 B spill; 64x32 is spill-free but uses mma.sync
-        jvp_bwd_q=_kc(128, 32, 8, 2),  # 206 regs
+    64: AttentionConfig(  # `bench/attention.py --sweep` at (32, 18, 256, 64) and (32, 18, 1024, 64) on an
+        # H200 (bench/results/attention_sweep_h200_hd64.json), merged per kernel (smallest summed
+        # slowdown vs each shape's best): fwd+tangent+bwd 1.30 -> 0.52 ms and 14.9 -> 5.5 ms. The
+        # tangent kernels want 4 warps at this head dim (8 warps ran them 1.5-3x slower).
+        fwd=_kc(64, 64, 4, 3),
+        bwd_kv=_kc(64, 64, 4, 2),
+        bwd_q=_kc(128, 64, 8, 3),
+        jvp_fwd=_kc(64, 64, 4, 3),
+        jvp_bwd_kv=_kc(32, 64, 4, 2),
+        jvp_bwd_q=_kc(64, 64, 4, 2),
     ),
     128: AttentionConfig(  # the best of `bench/attention.py --sweep` at (1, 24, 4096, 128) on an H200
         fwd=_kc(128, 64, 8, 3),  # (bench/results/attention_sweep_h200.json): 24.1 -> 8.7 ms fwd+tangent+bwd
@@ -188,8 +194,18 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 # fp32 inputs take twice the shared memory per tile: at head dim 128 the H200-tuned tiles above
-# exceed the 227 KiB per block, so 4-byte inputs keep the smaller, compile-checked tiles.
+# exceed the 227 KiB per block, so 4-byte inputs keep the smaller, compile-checked tiles (at
+# head dim 64: the offline-chosen tiles used before the head-dim-64 sweep, which passed the
+# native fp32 tests on the H100 and H200).
 _DEFAULTS_4BYTE = {
+    64: AttentionConfig(
+        fwd=_kc(128, 64, 4, 3),
+        bwd_kv=_kc(64, 128, 8, 2),
+        bwd_q=_kc(128, 64, 8, 2),
+        jvp_fwd=_kc(64, 64, 8, 3),
+        jvp_bwd_kv=_kc(32, 64, 8, 2),
+        jvp_bwd_q=_kc(128, 32, 8, 2),
+    ),
     128: AttentionConfig(
         fwd=_kc(128, 64, 8, 3),
         bwd_kv=_kc(32, 128, 8, 2),

@@ -1,4 +1,4 @@
-"""impl="auto": the chooser on synthetic tables, the table file, and the CPU default."""
+"""impl="auto": the chooser (pallas / cudnn / xla) on synthetic tables, the table file, and the CPU default."""
 import json
 
 import jax
@@ -21,13 +21,14 @@ def _entry(device, mode="jvp", dtype="bfloat16", head_dim=128, seq=4096, pallas=
     )  # fmt: skip
 
 
-def _choose(table, mode="jvp", seq=4096, dim=128, dtype=jnp.bfloat16, device=H100, backend="gpu"):
-    return auto.choose_impl(mode, seq, dim, dtype, device_kind=device, backend=backend, table=table)
+def _choose(table, mode="jvp", seq=4096, dim=128, dtype=jnp.bfloat16, device=H100, backend="gpu", cudnn=False):
+    return auto.choose_impl(mode, seq, dim, dtype, device_kind=device, backend=backend, table=table, cudnn=cudnn)
 
 
 def test_not_on_gpu_is_xla():
     table = {"format": 1, "entries": [_entry(H100)]}
     assert _choose(table, backend="cpu") == "xla"
+    assert _choose(table, backend="cpu", cudnn=True) == "xla"
     assert _choose(table) == "pallas"
 
 
@@ -73,6 +74,8 @@ def test_bad_tables_raise():
         _choose({"entries": [{"device_kind": H100}]})
     with pytest.raises(ValueError, match="mode"):
         _choose({"entries": [_entry(H100, mode="fast")]})
+    with pytest.raises(ValueError, match="plain only"):
+        _choose({"entries": [dict(_entry(H100), cudnn_ms=1.0)]})
     with pytest.raises(ValueError, match="mode must be"):
         auto.choose_impl("both", 16, 64, jnp.float32, backend="gpu", table={"entries": []})
 
@@ -115,3 +118,51 @@ def test_auto_routes_to_pallas_when_chosen(monkeypatch):
     np.testing.assert_array_equal(np.asarray(o), np.asarray(ref))
     assert calls == [("jvp", 20, 16, "float32")]
     assert api._auto.choose_impl is fake_choose
+
+
+def _plain(device, seq=256, pallas=0.25, xla=0.9, cudnn=0.27, **kw):
+    e = _entry(device, mode="plain", head_dim=64, seq=seq, pallas=pallas, xla=xla, **kw)
+    if cudnn != "absent":
+        e["cudnn_ms"] = cudnn
+    return e
+
+
+def test_cudnn_is_chosen_only_when_fastest_and_allowed():
+    table = {"entries": [_plain(H200, cudnn=0.20), _plain(H200, seq=1024, pallas=2.8, xla=8.4, cudnn=2.1)]}
+    pick = lambda seq, cudnn: _choose(table, mode="plain", seq=seq, dim=64, device=H200, cudnn=cudnn)
+    assert pick(256, True) == "cudnn" and pick(1024, True) == "cudnn"
+    # The caller says cuDNN cannot take the call (fp32, jvp, head dim, GPU): never cudnn.
+    assert pick(256, False) == "pallas" and pick(1024, False) == "pallas"
+    table["entries"][0]["cudnn_ms"] = 0.30  # slower than pallas
+    assert pick(256, True) == "pallas"
+    table["entries"][0]["cudnn_ms"] = None  # cuDNN refused the shape when measured
+    assert pick(256, True) == "pallas"
+    table["entries"][0]["pallas_ms"] = None
+    assert pick(256, True) == "xla"
+
+
+def test_cudnn_needs_a_measurement_in_every_entry_of_the_bucket():
+    second = _plain(H200, cudnn="absent")
+    second["shape"] = [8, 18, 256, 64]
+    table = {"entries": [_plain(H200, cudnn=0.1), second]}
+    assert _choose(table, mode="plain", seq=256, dim=64, device=H200, cudnn=True) == "pallas"
+
+
+def test_unmeasured_gpu_borrows_cudnn_only_when_all_agree():
+    table = {"entries": [_plain(H200, cudnn=0.2), _plain(H100, cudnn=0.2)]}
+    kw = dict(mode="plain", seq=256, dim=64, device="NVIDIA B200")
+    assert _choose(table, cudnn=True, **kw) == "cudnn"
+    assert _choose(table, cudnn=False, **kw) == "pallas"
+    table["entries"][1]["cudnn_ms"] = 0.3
+    assert _choose(table, cudnn=True, **kw) == "xla"  # H200 says cudnn, H100 pallas
+
+
+def test_auto_asks_cudnn_support_of_the_actual_call(monkeypatch):
+    """api passes cudnn=True to the chooser exactly when kernels.cudnn accepts the call."""
+    seen = []
+    monkeypatch.setattr(auto, "choose_impl", lambda *a, **kw: seen.append(kw["cudnn"]) or "xla")
+    monkeypatch.setattr(api._cudnn, "unsupported_reason", lambda sq, sk, d, dt, jvp=False: None if d == 64 else "no")
+    x64_, x60 = (jnp.zeros((1, 16, 1, d), jnp.bfloat16) for d in (64, 60))
+    attention(x64_, x64_, x64_, impl="auto")
+    attention(x60, x60, x60, impl="auto")
+    assert seen == [True, False]

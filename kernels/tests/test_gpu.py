@@ -103,3 +103,54 @@ def test_native_grad_of_jvp_dit_shapes(shape):
     gx = jax.jit(jax.grad(lambda *a: loss(xla, *a), argnums=tuple(range(6))))(q, k, v, tq, tk, tv)
     for name, x, y in zip(("dq", "dk", "dv", "dtq", "dtk", "dtv"), gx, g_ref):
         assert_close("xla " + name, x, y, 3e-2)
+
+
+CUDNN_SHAPES = [  # (batch, seq, heads, dim): cuDNN takes head dims that are multiples of 8
+    (32, 256, 18, 64),  # DiT-XL/2 at 256px
+    (1, 1000, 2, 128),  # not a multiple of any tile
+    (2, 334, 3, 80),  # even lengths only (see kernels/cudnn.py)
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", CUDNN_SHAPES, ids=_id)
+def test_native_cudnn_plain(shape, dtype):
+    """impl="cudnn" (jax.nn.dot_product_attention's cuDNN kernels) against the float64 reference."""
+    q, k, v, do = randn(hash(shape) % 1000 + 2, [shape] * 4, dtype)
+    fn = jax.jit(lambda q, k, v, do: (lambda o_vjp: (o_vjp[0], o_vjp[1](do)))(
+        jax.vjp(lambda a, b, c: attention(a, b, c, impl="cudnn"), q, k, v)))  # fmt: skip
+    o, grads = fn(q, k, v, do)
+    assert o.dtype == q.dtype and o.shape == q.shape
+    o_ref, g_ref = _cpu(lambda *a: ref_plain(*a, shape[3] ** -0.5), q, k, v, do)
+    assert_close("o", o, o_ref, TOL[jnp.bfloat16])
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, g_ref):
+        assert_close(name, g, gr, TOL[jnp.bfloat16])
+
+
+def test_native_cudnn_refuses_what_it_cannot_take():
+    x = jnp.zeros((1, 64, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="impl='cudnn' supports dtypes bfloat16 and float16"):
+        attention(x, x, x, impl="cudnn")
+    y = jnp.zeros((1, 64, 2, 60), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        attention(y, y, y, impl="cudnn")
+    with pytest.raises(ValueError, match="forward-mode"):
+        attention(y, y, y, impl="cudnn", jvp=True)
+    z = jnp.zeros((1, 333, 2, 64), jnp.bfloat16)  # jax's cuDNN backward refuses odd lengths
+    with pytest.raises(ValueError, match="even sequence lengths"):
+        attention(z, z, z, impl="cudnn")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+def test_native_auto_plain_at_model_shape(dtype):
+    """impl="auto" on this GPU (whatever the table picks) matches the reference; fp32 never
+    reaches cuDNN (it would raise)."""
+    shape = (4, 256, 18, 64)
+    q, k, v, do = randn(11, [shape] * 4, dtype)
+    fn = jax.jit(lambda q, k, v, do: (lambda o_vjp: (o_vjp[0], o_vjp[1](do)))(
+        jax.vjp(lambda a, b, c: attention(a, b, c, impl="auto"), q, k, v)))  # fmt: skip
+    o, grads = fn(q, k, v, do)
+    o_ref, g_ref = _cpu(lambda *a: ref_plain(*a, shape[3] ** -0.5), q, k, v, do)
+    assert_close("o", o, o_ref, TOL[dtype] if dtype == jnp.bfloat16 else 2e-3)
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, g_ref):
+        assert_close(name, g, gr, TOL[dtype] if dtype == jnp.bfloat16 else 2e-3)

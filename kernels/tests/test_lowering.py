@@ -47,10 +47,10 @@ def _f32sum(x):
     return jnp.sum(x.astype(jnp.float32))
 
 
-def _check(text, expected, dim, cfg=None):
+def _check(text, expected, dim, cfg=None, dtype=None):
     found = _kernels(text)
     assert sorted(n for n, _, _ in found) == sorted("tvm_flash_" + e for e in expected), found
-    cfg = (cfg or default_config(dim)).resolve(dim)
+    cfg = (cfg or default_config(dim, dtype)).resolve(dim, dtype)
     for name, warps, stages in found:
         kc = getattr(cfg, name.removeprefix("tvm_flash_"))
         assert (warps, stages) == (kc.num_warps, kc.num_stages), (name, warps, stages)
@@ -98,9 +98,9 @@ def test_other_dtypes_dims_and_lengths_lower(dtype, dim, q_len, kv_len):
         o, to = jax.jvp(lambda a, b, c: attention(a, b, c, jvp=True, **KW), (q, k, v), (q, k, v))
         return _f32sum(o) + _f32sum(to)
 
-    _check(_lower(jax.grad(loss, argnums=(0, 1, 2)), sq, sk, sk), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], dim)
+    _check(_lower(jax.grad(loss, argnums=(0, 1, 2)), sq, sk, sk), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], dim, dtype=dtype)
     plain = jax.grad(lambda q, k, v: _f32sum(attention(q, k, v, **KW)), argnums=(0, 1, 2))
-    _check(_lower(plain, sq, sk, sk), ["fwd", "bwd_kv", "bwd_q"], dim)
+    _check(_lower(plain, sq, sk, sk), ["fwd", "bwd_kv", "bwd_q"], dim, dtype=dtype)
 
 
 def test_custom_block_sizes_and_vmap_lower():

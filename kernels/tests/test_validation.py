@@ -10,7 +10,7 @@ F32 = jnp.float32
 X = jnp.zeros((1, 16, 2, 32), F32)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "auto"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "auto", "cudnn"])
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -93,3 +93,59 @@ def test_head_dims_zero_padded_to_pow2(dim):
     ref_o, ref_to = jax.jvp(lambda a, b, c: attention_xla(a, b, c, scale=dim**-0.5), (q, k, v), (tq, tk, tv))
     assert_close("o", o2, ref_o, 1e-5)
     assert_close("t_o", to, ref_to, 1e-5)
+
+
+class _FakeClient:
+    def __init__(self, platform_version):
+        self.platform_version = platform_version
+
+
+class _FakeDevice:
+    """Stands for a jax Device: ``platform``, ``device_kind``, ``client.platform_version``
+    ("cuda <version>" on CUDA, see jax's ``check_compute_capability`` in
+    jax/_src/cudnn/fused_attention_stablehlo.py) and, on CUDA GPUs, ``compute_capability``
+    ("major.minor", as ``jax.devices()[0].compute_capability`` reports it)."""
+
+    def __init__(self, platform="gpu", version="cuda 12080", cc="9.0", kind="NVIDIA H200"):
+        self.platform, self.device_kind, self.compute_capability = platform, kind, cc
+        self.client = _FakeClient(version)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(head_dim=64, dtype=jnp.bfloat16), None),
+        (dict(head_dim=256, dtype=jnp.float16), None),
+        (dict(head_dim=64, dtype=jnp.float32), "bfloat16 and float16"),
+        (dict(head_dim=60, dtype=jnp.bfloat16), "multiple of 8"),
+        (dict(head_dim=264, dtype=jnp.bfloat16), "multiple of 8 and <= 256"),
+        (dict(head_dim=64, dtype=jnp.bfloat16, jvp=True), "forward-mode"),
+        (dict(head_dim=64, dtype=jnp.bfloat16, q_len=333, kv_len=334), "even sequence lengths"),
+        (dict(head_dim=64, dtype=jnp.bfloat16, q_len=256, kv_len=77), "even sequence lengths"),
+        (dict(head_dim=256, dtype=jnp.bfloat16, device=_FakeDevice(cc="8.0")), "<= 128"),
+        (dict(head_dim=64, dtype=jnp.bfloat16, device=_FakeDevice(cc="7.5")), "compute capability"),
+        (dict(head_dim=64, dtype=jnp.bfloat16, device=_FakeDevice(version="rocm 60300")), "CUDA GPU"),
+        (dict(head_dim=64, dtype=jnp.bfloat16, device=_FakeDevice("cpu", "cpu", None, "cpu")), "CUDA GPU"),
+    ],
+)
+def test_cudnn_support_check(kw, match):
+    from kernels import cudnn
+
+    kw.setdefault("device", _FakeDevice())
+    lens = (kw.pop("q_len", 256), kw.pop("kv_len", 256))
+    reason = cudnn.unsupported_reason(*lens, kw.pop("head_dim"), kw.pop("dtype"), **kw)
+    if match is None:
+        assert reason is None
+    else:
+        assert match in reason
+
+
+def test_cudnn_on_cpu_is_a_clear_error_not_a_fallback():
+    """Documented in attention(): impl="cudnn" never falls back; on this CPU it names the reason."""
+    x = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="impl='cudnn' needs a CUDA GPU, but the device is cpu"):
+        attention(x, x, x, impl="cudnn")
+    with pytest.raises(ValueError, match="impl='cudnn' has no forward-mode"):
+        attention(x, x, x, impl="cudnn", jvp=True)
+    # auto on the CPU stays the exact XLA path
+    assert jnp.array_equal(attention(x, x, x, impl="auto"), attention_xla(x, x, x, scale=64**-0.5))
