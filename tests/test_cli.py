@@ -128,3 +128,19 @@ def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert [ln for ln in err.splitlines() if ln.strip()][-1] == "error: interrupted (Ctrl-C)"
     assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("mode", ["sample", "evaluate"])
+def test_reading_a_missing_workdir_creates_nothing(tmp_path, mode):
+    """--mode=sample/evaluate only read a run: a workdir that does not exist (or has no checkpoints)
+    is an error, and no WORKDIR/checkpoints (or anything else) appears."""
+    workdir = tmp_path / "no_such_run"
+    res = _main(f"--mode={mode}", "--config=configs/gmm.py", f"--workdir={workdir}")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"error: --workdir {workdir} does not exist: train first" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert not workdir.exists()
+    workdir.mkdir()
+    res = _main(f"--mode={mode}", "--config=configs/gmm.py", f"--workdir={workdir}")
+    assert res.returncode == 2 and f"has no checkpoints ({workdir}/checkpoints is missing)" in res.stderr
+    assert os.listdir(workdir) == []
