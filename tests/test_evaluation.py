@@ -219,8 +219,9 @@ def test_argument_validation(gmm_run, tmp_path):
     c.eval.num_samples, c.eval.batch_size = 10, 0
     with pytest.raises(ValueError, match="eval.batch_size"):
         evaluation.evaluate(c, workdir=gmm_run, steps=[1])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="empty does not exist: train first"):
         evaluation.evaluate(_gmm_config(), workdir=str(tmp_path / "empty"), steps=[1])
+    assert not (tmp_path / "empty").exists()  # reading a run creates nothing
 
 
 def test_synthetic_source_is_refused(gmm_run):
@@ -336,6 +337,7 @@ def test_latents_fid_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fid, "frechet_distance", _low_rank_frechet_distance)
     c = _latents_config()
+    c.eval.protocol = "balanced"  # balanced labels, uint8 by rounding (as generate's decoder)
     c.data.vae_path = _write_random_vae(tmp_path / "vae")
     c.eval.inception_path = _write_random_inception(tmp_path / "inception.safetensors")
     model_dir = _export_dit(tmp_path / "latent_model", input_size=8, in_channels=4, num_classes=10, patch=2,

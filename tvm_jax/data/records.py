@@ -43,13 +43,8 @@ def encode_record(mean: np.ndarray, std: np.ndarray, label: int, dtype: str = "f
                      mean.astype(dtype).tobytes(), std.astype(dtype).tobytes()])
 
 
-def decode_record(data: bytes, where: str = "latent record") -> dict[str, Any]:
-    """Returns ``{"mean": (H,W,C) float32, "std": ..., "label": int}``.
-
-    Raises ``ValueError`` starting with ``where`` (e.g. ``"FILE record 17"``) for anything that is
-    not a complete, finite record of this format (so a bad file is named wherever it is read).
-    """
-    data = bytes(data)
+def _read_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
+    """The checked JSON header of a record and its length in bytes."""
     if len(data) < 8 or data[:4] != MAGIC:
         raise ValueError(f"{where}: not a tvm-jax latent record (bad magic bytes)")
     (n,) = struct.unpack("<I", data[4:8])
@@ -72,7 +67,18 @@ def decode_record(data: bytes, where: str = "latent record") -> dict[str, Any]:
         raise ValueError(f"{where}: the record dtype must be float16 or float32, got {header['dtype']!r}")
     if type(label) is not int:
         raise ValueError(f"{where}: the record label must be an integer, got {label!r}")
-    shape, dtype = tuple(shape), np.dtype(header["dtype"])
+    return header, n
+
+
+def decode_record(data: bytes, where: str = "latent record") -> dict[str, Any]:
+    """Returns ``{"mean": (H,W,C) float32, "std": ..., "label": int}``.
+
+    Raises ``ValueError`` starting with ``where`` (e.g. ``"FILE record 17"``) for anything that is
+    not a complete, finite record of this format (so a bad file is named wherever it is read).
+    """
+    data = bytes(data)
+    header, n = _read_header(data, where)
+    shape, dtype, label = tuple(header["shape"]), np.dtype(header["dtype"]), header["label"]
     size = int(np.prod(shape)) * dtype.itemsize
     body = data[8 + n:]
     if len(body) != 2 * size:
@@ -148,6 +154,48 @@ def shard_record_counts(files: list[str]) -> list[int]:
             decode_record(first, f"{path} record 0")
         counts.append(n)
     return counts
+
+
+def draw_training_labels(path: str, n: int, seed: int) -> tuple[np.ndarray, str]:
+    """The labels of ``n`` training items drawn uniformly with replacement (seeded by ``seed``):
+    samples of the dataset's label distribution. Returns ``(labels, how they were read)``.
+
+    With the per-class record counts of ``dataset.json`` (``class_counts``, written by
+    ``prepare_imagenet``; used when they add up to the records in the shards) item ``i`` of the
+    class-ordered list is drawn, which is the same distribution without reading a record;
+    otherwise the drawn records' headers are read.
+    """
+    files = shard_paths(path)
+    counts = shard_record_counts(files)
+    total = sum(counts)
+    if total == 0:
+        raise ValueError(f"data.path: the ArrayRecord files at {path!r} hold no records")
+    index = np.random.default_rng(seed).integers(0, total, n)
+    meta = read_metadata(path)
+    class_counts = (meta or {}).get("class_counts")
+    if (isinstance(class_counts, list) and all(type(c) is int and c >= 0 for c in class_counts)
+            and sum(class_counts) == total):
+        labels = np.searchsorted(np.cumsum(class_counts), index, side="right")
+        return labels.astype(np.int32), f"class_counts of {os.path.join(os.path.abspath(path), METADATA_FILE)}"
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    labels = np.empty(n, np.int32)
+    starts = np.cumsum([0] + counts)
+    shard_of = np.searchsorted(starts, index, side="right") - 1
+    for s, file in enumerate(files):
+        rows = np.flatnonzero(shard_of == s)
+        if not len(rows):
+            continue
+        local = index[rows] - starts[s]
+        unique, inverse = np.unique(local, return_inverse=True)
+        reader = ArrayRecordReader(file)
+        try:
+            read = reader.read([int(i) for i in unique])
+        finally:
+            reader.close()
+        found = np.array([_read_header(bytes(d), f"{file} record {i}")[0]["label"] for i, d in zip(unique, read)])
+        labels[rows] = found[inverse]
+    return labels, f"record headers of {len(files)} shards at {os.path.abspath(path)}"
 
 
 def _first_line(error: Exception) -> str:
