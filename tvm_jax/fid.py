@@ -214,6 +214,9 @@ class _ArrayClass:
     """Stands for ``numpy.ndarray`` in a pickle: only :func:`_reconstruct` accepts it (calling
     ``ndarray(shape)`` directly could allocate any amount of memory)."""
 
+    def __new__(cls, *args, **kwargs):
+        raise UnsafePickleError(f"refusing to call numpy.ndarray{args!r} (numpy pickles never do)")
+
 
 def _reconstruct(subtype, shape, dtype):
     # numpy pickles an array as _reconstruct(ndarray, (0,), b"b") followed by its state, whose
