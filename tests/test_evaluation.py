@@ -386,7 +386,7 @@ def test_latents_fid_end_to_end_paper_protocol(tmp_path, monkeypatch):
             yield start, count, x
 
     monkeypatch.setattr(evaluation.ShardedSampler, "batches", batches_with_a_nan)
-    protocol = evaluation.make_protocol(c, 4, seed=0)
+    protocol = evaluation.make_protocol(c, 4, seed=0, num_classes=10)
     assert set(protocol.labels.tolist()) <= {0, 7}
     model = generate.load_for_sampling(c, checkpoint=model_dir, workdir=None)
     sampler = evaluation.ShardedSampler(model, w=1.0, seed=0, batch_size=4)

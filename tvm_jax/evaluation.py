@@ -592,12 +592,8 @@ class Protocol:
         return out if self.pixels is None else {**out, "pixels": self.pixels}
 
 
-def make_protocol(config, num_samples: int, seed: int) -> Protocol:
-    """``paper``: each sample's label is the label of a random training item (seeded; the
-    dataset's label distribution, read from ``data.path``), pixels truncated to uint8;
-    ``balanced``: :func:`balanced_labels`, pixels rounded to uint8 (``vae.to_uint8``)."""
-    from tvm_jax.vae import to_uint8 as round_to_uint8
-
+def check_protocol(config) -> str:
+    """The protocol name of ``eval.protocol``, with what it needs checked (before any model work)."""
     name = config.eval.get("protocol", "balanced")
     if name not in EVAL_PROTOCOLS:
         raise ValueError(f"eval.protocol: unknown protocol {name!r}; choose one of {EVAL_PROTOCOLS}")
@@ -610,17 +606,31 @@ def make_protocol(config, num_samples: int, seed: int) -> Protocol:
             raise ValueError("data.path: eval.protocol = 'paper' draws each sample's label from the training "
                              "labels; set --config.data.path to the prepared latents (or "
                              "--config.eval.protocol=balanced)")
-        from tvm_jax.data import records
-
         if not os.path.exists(config.data.path) and not any(ch in config.data.path for ch in "*?["):
             raise FileNotFoundError(f"data.path: {config.data.path!r} does not exist")
+    return name
+
+
+def make_protocol(config, num_samples: int, seed: int, num_classes: int) -> Protocol:
+    """``paper``: each sample's label is the label of a random training item (seeded; the
+    dataset's label distribution, read from ``data.path``), pixels truncated to uint8;
+    ``balanced``: :func:`balanced_labels` over ``num_classes`` (the model's), pixels rounded to
+    uint8 (``vae.to_uint8``)."""
+    from tvm_jax.vae import to_uint8 as round_to_uint8
+
+    name = check_protocol(config)
+    if name == "paper":
+        from tvm_jax.data import records
+
         labels, read_from = records.draw_training_labels(config.data.path, num_samples, seed)
+        if int(labels.max()) >= num_classes:
+            raise ValueError(f"data.path: the training labels go up to {int(labels.max())} but the model has "
+                             f"{num_classes} classes")
         return Protocol(name, labels, f"the labels of {num_samples} random training items (seed {seed}; from "
                         f"{read_from})", truncate_to_uint8, "floor(clip(x * 0.5 + 0.5, 0, 1) * 255)")
-    num_classes = 10 if source == "digits" else int(config.data.num_classes)
     return Protocol(name, balanced_labels(num_samples, num_classes, seed),
                     f"balanced: arange(n) % {num_classes}, shuffled by seed {seed}", round_to_uint8,
-                    "clip(round((x + 1) * 127.5), 0, 255)" if source == "latents" else None)
+                    "clip(round((x + 1) * 127.5), 0, 255)" if config.data.source == "latents" else None)
 
 
 def evaluate_latents(config, model: generate.LoadedModel, sampler: ShardedSampler, steps: Sequence[int],
@@ -815,7 +825,7 @@ def evaluate(config, *, workdir: str | None = None, checkpoint: str | None = Non
     root = workdir or checkpoint
     check_output_directory(os.path.join(os.path.abspath(root), "eval"),
                            hint="" if workdir else "; pass --workdir=DIR to write the results under DIR/eval")
-    protocol = make_protocol(config, num_samples, seed)
+    check_protocol(config)
 
     model = generate.load_for_sampling(config, checkpoint=checkpoint, workdir=workdir, weights=weights)
     if w is None:
@@ -823,9 +833,7 @@ def evaluate(config, *, workdir: str | None = None, checkpoint: str | None = Non
     step = None if checkpoint else model.step
     path = output_path(workdir=workdir, checkpoint=checkpoint, step=step, w=w, seed=seed, weights=weights)
     check_output_file(path, overwrite=overwrite)
-    if source == "latents" and int(protocol.labels.max()) >= model.num_classes:
-        raise ValueError(f"data.path: the training labels go up to {int(protocol.labels.max())} but the model has "
-                         f"{model.num_classes} classes")
+    protocol = make_protocol(config, num_samples, seed, model.num_classes)
 
     sampler = ShardedSampler(model, w=w, seed=seed, batch_size=batch_size, method=method)
     logging.info("Evaluating %s on %s: steps %s, w = %g, seed %d, protocol %s, batches of %d over %d devices",

@@ -112,7 +112,7 @@ class LatentRecordSource(WorkerSide, grain.sources.RandomAccessDataSource):
         try:
             data = self._records[index]
         except RuntimeError as e:
-            raise ValueError(f"{self.where(index)}: cannot be read ({records._first_line(e)})") from None
+            raise ValueError(f"{self.where(index)}: cannot be read ({records.first_line(e)})") from None
         rec = records.decode_record(data, self.where(index))
         if self._expected_shape is not None and rec["mean"].shape != self._expected_shape:
             raise ValueError(f"{self.where(index)}: latent of shape {rec['mean'].shape} but data.shape is "

@@ -137,7 +137,7 @@ def shard_record_counts(files: list[str]) -> list[int]:
         try:
             reader = ArrayRecordReader(path)
         except (RuntimeError, OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a readable ArrayRecord file ({_first_line(e)})") from None
+            raise ValueError(f"{path}: not a readable ArrayRecord file ({first_line(e)})") from None
         try:
             if not reader.ok():  # a broken file opens "successfully"; its reader reports why on close
                 raise RuntimeError("the reader reports a broken file")
@@ -149,7 +149,7 @@ def shard_record_counts(files: list[str]) -> list[int]:
                 reader.close()
             except RuntimeError as close_error:
                 e = close_error
-            raise ValueError(f"{path}: not a readable ArrayRecord file ({_first_line(e)})") from None
+            raise ValueError(f"{path}: not a readable ArrayRecord file ({first_line(e)})") from None
         if first is not None:
             decode_record(first, f"{path} record 0")
         counts.append(n)
@@ -198,7 +198,7 @@ def draw_training_labels(path: str, n: int, seed: int) -> tuple[np.ndarray, str]
     return labels, f"record headers of {len(files)} shards at {os.path.abspath(path)}"
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
