@@ -28,6 +28,7 @@ def get_config():
     c.model.time_specinit = False
     c.model.dtype = "float32"
     c.data.source = "digits"
+    c.eval.protocol = "balanced"  # "paper" is the ImageNet FID protocol (latents only)
     c.data.upsample = 1
     c.data.shape = (8, 8, 1)
     c.data.num_classes = 10

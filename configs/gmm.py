@@ -24,6 +24,7 @@ def get_config():
     c.model.mlp_depth = 4
     c.model.dtype = "float32"
     c.data.source = "gmm"
+    c.eval.protocol = "balanced"  # "paper" is the ImageNet FID protocol (latents only)
     c.data.shape = (2,)
     c.data.num_classes = 4
     c.data.gmm_dim = 2

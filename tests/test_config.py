@@ -63,6 +63,7 @@ def test_every_config_file_validates_and_has_a_docstring():
     ("model.size", "XXL/2", "model.size"),
     ("objective.w", 0.9, "objective.w"),
     ("sample.w", 0.5, "sample.w"),
+    ("eval.protocol", "edm", "eval.protocol: unknown protocol 'edm'"),
     ("train.global_batch_size", -8, "train.global_batch_size"),
     ("data.shape", (33, 33, 4), "model.input_size"),
     ("data.source", "lsun", "data.source"),
@@ -90,3 +91,11 @@ def test_custom_size_requires_its_dimensions():
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError):
         load_config_file(os.path.join(ROOT, "nope.py"))
+
+
+def test_eval_protocol_defaults():
+    """The ImageNet recipes evaluate FID the paper's way; the toy configs with balanced labels."""
+    for name in ("in256", "in256_w2", "in256_w1p75", "in512", "in512_w2p25", "in512_w2p5"):
+        assert _load(name).eval.protocol == "paper", name
+    for name in ("digits", "gmm"):
+        assert _load(name).eval.protocol == "balanced", name

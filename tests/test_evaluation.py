@@ -219,8 +219,9 @@ def test_argument_validation(gmm_run, tmp_path):
     c.eval.num_samples, c.eval.batch_size = 10, 0
     with pytest.raises(ValueError, match="eval.batch_size"):
         evaluation.evaluate(c, workdir=gmm_run, steps=[1])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="empty does not exist: train first"):
         evaluation.evaluate(_gmm_config(), workdir=str(tmp_path / "empty"), steps=[1])
+    assert not (tmp_path / "empty").exists()  # reading a run creates nothing
 
 
 def test_synthetic_source_is_refused(gmm_run):
@@ -325,38 +326,236 @@ def _write_random_inception(path):
     return str(path)
 
 
+def _latent_dataset(directory, label_counts, shape=(8, 8, 4), with_counts=True):
+    """Prepared-latents layout (ArrayRecord shards + dataset.json) with ``label_counts[c]`` records
+    of class ``c``, in shuffled order; ``class_counts`` in dataset.json as prepare_imagenet writes."""
+    from tvm_jax.data import records
+
+    labels = np.repeat(np.arange(len(label_counts)), label_counts)
+    labels = labels[np.random.default_rng(7).permutation(len(labels))]
+    recs = [records.encode_record(np.zeros(shape), np.ones(shape), int(y)) for y in labels]
+    os.makedirs(directory, exist_ok=True)
+    half = len(recs) // 2
+    records.write_shard(os.path.join(directory, "latents-00000-of-00002.array_record"), recs[:half])
+    records.write_shard(os.path.join(directory, "latents-00001-of-00002.array_record"), recs[half:])
+    extra = {"class_counts": [int(c) for c in label_counts]} if with_counts else {}
+    records.write_metadata(str(directory), shape=list(shape), num_classes=len(label_counts), num_records=len(recs),
+                           resolution=8 * shape[0], raw_mean=[0.0] * shape[-1], raw_std=[1.0] * shape[-1], **extra)
+    return str(directory), labels
+
+
+def _edm2_reference(path, mu, sigma, num_images):
+    """Written as EDM2's calculate_metrics.py writes img256.pkl (NVlabs/edm2: calculate_stats_for_iterable
+    builds dict(num_images=N, fid=dict(mu, sigma), fd_dinov2=dict(mu, sigma)) of float64 numpy
+    arrays; save_stats does pickle.dump(stats, f))."""
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(dict(num_images=num_images, fid=dict(mu=mu, sigma=sigma),
+                         fd_dinov2=dict(mu=np.zeros(8), sigma=np.eye(8))), f)
+    return str(path)
+
+
 @pytest.mark.slow
-def test_latents_fid_end_to_end(tmp_path, monkeypatch):
-    """4 one-step samples of a tiny exported latent DiT, decoded by a small random VAE and embedded
-    by random FID-Inception weights. The reference statistics are computed here from the same
-    samples through the public path (generate.make_decoder, fid.InceptionFeatures), with the mean
-    shifted by ``delta``: the FID must come out as ``|delta|^2`` (the covariance terms cancel)."""
+def test_latents_fid_end_to_end_paper_protocol(tmp_path, monkeypatch):
+    """4 one-step samples of a tiny exported latent DiT, decoded by a small random VAE, truncated to
+    uint8 and embedded by random FID-Inception weights, the labels drawn from a (skewed) training
+    set, the reference an EDM2-style pickle, sample 2 made non-finite. The reference statistics are
+    those of the three finite samples (computed here through the public pieces) with the mean
+    shifted by ``delta``: the FID must come out as ``|delta|^2``; the report names everything."""
+    import hashlib
+
     from tvm_jax import fid
-    from tvm_jax.images import to_uint8
 
     monkeypatch.setattr(fid, "frechet_distance", _low_rank_frechet_distance)
     c = _latents_config()
+    assert c.eval.protocol == "paper"
+    c.data.path, _ = _latent_dataset(tmp_path / "data", [30, 0, 0, 0, 0, 0, 0, 10, 0, 0])
     c.data.vae_path = _write_random_vae(tmp_path / "vae")
     c.eval.inception_path = _write_random_inception(tmp_path / "inception.safetensors")
     model_dir = _export_dit(tmp_path / "latent_model", input_size=8, in_channels=4, num_classes=10, patch=2,
                             perturb=0.05)
+    bad = 2
 
+    real_batches = evaluation.ShardedSampler.batches
+
+    def batches_with_a_nan(self, steps, labels, what=""):
+        for start, count, x in real_batches(self, steps, labels, what=what):
+            if start <= bad < start + count:
+                x = jax.device_put(x.at[bad - start].set(jnp.nan), self.batch_sharding)
+            yield start, count, x
+
+    monkeypatch.setattr(evaluation.ShardedSampler, "batches", batches_with_a_nan)
+    protocol = evaluation.make_protocol(c, 4, seed=0, num_classes=10)
+    assert set(protocol.labels.tolist()) <= {0, 7}
     model = generate.load_for_sampling(c, checkpoint=model_dir, workdir=None)
     sampler = evaluation.ShardedSampler(model, w=1.0, seed=0, batch_size=4)
-    z = sampler.sample(1, evaluation.balanced_labels(4, 10, seed=0))
-    images = to_uint8(generate.make_decoder(c)(z))
-    assert images.shape == (4, 16, 16, 3)
-    ours = evaluation.to_host(evaluation.LatentDecoder(c, sampler)(jnp.asarray(z))[0])
-    assert np.abs(ours.astype(int) - images.astype(int)).max() <= 1  # on-device decode == generate's
+    z = jnp.concatenate([x for _, _, x in sampler.batches(1, protocol.labels)])
+    images, finite = (evaluation.to_host(a) for a in evaluation.LatentDecoder(c, sampler, protocol.to_uint8)(z))
+    assert images.shape == (4, 16, 16, 3) and finite.tolist() == [True, True, False, True]
+    reference_decode = evaluation.truncate_to_uint8(generate.make_decoder(c)(np.asarray(z)[finite]))
+    assert np.abs(images[finite].astype(int) - reference_decode.astype(int)).max() <= 1  # == generate's decoder
     extractor = fid.InceptionFeatures(c.eval.inception_path, batch_size=4, shard=True)
-    mu, sigma = fid.compute_statistics(extractor(images))
+    mu, sigma = fid.compute_statistics(extractor(images[finite]))
     delta = np.full_like(mu, 0.01)
-    c.eval.reference_stats = str(fid.save_statistics(tmp_path / "ref.npz", mu + delta, sigma))
+    c.eval.reference_stats = _edm2_reference(tmp_path / "img256.pkl", mu + delta, sigma, 3)
 
     res = evaluation.evaluate(c, checkpoint=model_dir, steps=[1], seed=0)
     assert res["source"] == "latents" and res["num_samples"] == 4 and res["train_step"] == "exported"
     assert res["output"] == os.path.join(model_dir, "eval", "eval_stepexported_w1.json")
+    with open(res["output"]) as f:
+        assert json.load(f) == res
     m = res["metrics"]["1"]
-    assert m["nonfinite_samples"] == 0
+    assert m["nonfinite_samples"] == 1 and m["nonfinite_indices"] == [bad] and m["fid_samples"] == 3
+    assert "left out" in m["note"]
     np.testing.assert_allclose(m["fid"], float(delta @ delta), rtol=1e-3, atol=1e-4 * float(np.trace(sigma)))
-    assert res["reference"]["reference_stats"] == os.path.abspath(c.eval.reference_stats)
+    assert res["protocol"]["name"] == "paper"
+    assert "random training items" in res["protocol"]["labels"] and "class_counts" in res["protocol"]["labels"]
+    assert res["protocol"]["pixels"] == "floor(clip(x * 0.5 + 0.5, 0, 1) * 255)"
+    ref = res["reference"]
+    for key, path in (("reference_stats", c.eval.reference_stats), ("inception", c.eval.inception_path)):
+        assert ref[key] == os.path.abspath(path)
+        with open(path, "rb") as f:
+            assert ref[key + "_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert ref["vae"] == os.path.abspath(c.data.vae_path)
+
+
+def test_truncate_to_uint8_is_the_official_cast():
+    """``floor(clip(x * 0.5 + 0.5, 0, 1) * 255)``: what ``(x * 0.5 + 0.5).clamp(0, 1) * 255`` cast to
+    uint8 gives (the cast truncates); differs from rounding wherever the fraction is >= 0.5."""
+    from tvm_jax.vae import to_uint8 as round_to_uint8
+
+    x = np.array([-2.0, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 3.0, 2 * (100.7 / 255) - 1], np.float32)
+    expected = [0, 0, 0, 127, 191, 254, 255, 255, 100]
+    np.testing.assert_array_equal(evaluation.truncate_to_uint8(x), expected)
+    np.testing.assert_array_equal(np.asarray(evaluation.truncate_to_uint8(jnp.asarray(x))), expected)
+    assert evaluation.truncate_to_uint8(x).dtype == np.uint8
+    assert round_to_uint8(np.float32(0.0)) == 128 and round_to_uint8(np.float32(0.999)) == 255  # the old way
+    grid = np.linspace(-1, 1, 10001, dtype=np.float32)
+    assert (round_to_uint8(grid).astype(int) - evaluation.truncate_to_uint8(grid).astype(int)).max() == 1
+
+
+@pytest.mark.parametrize("with_counts", [True, False], ids=["dataset.json class_counts", "record headers"])
+def test_paper_labels_follow_the_training_labels(tmp_path, with_counts):
+    from tvm_jax.data import records
+
+    counts = [50, 0, 30, 0, 15, 0, 0, 0, 0, 5]
+    path, labels = _latent_dataset(tmp_path / "d", counts, shape=(2, 2, 4), with_counts=with_counts)
+    drawn, how = records.draw_training_labels(path, 4000, seed=3)
+    assert ("class_counts" in how) == with_counts
+    freq = np.bincount(drawn, minlength=10) / len(drawn)
+    np.testing.assert_allclose(freq, np.asarray(counts) / 100, atol=0.03)  # 4000 draws: sd <= 0.008
+    assert set(np.unique(drawn)) == {0, 2, 4, 9}
+    again, _ = records.draw_training_labels(path, 4000, seed=3)
+    np.testing.assert_array_equal(drawn, again)
+    assert not np.array_equal(drawn, records.draw_training_labels(path, 4000, seed=4)[0])
+    if not with_counts:  # each sample's label is that of a uniformly drawn record (stored order)
+        stored = np.concatenate([[records.decode_record(r)["label"] for r in shard] for shard in _read_shards(path)])
+        np.testing.assert_array_equal(stored, labels)
+        np.testing.assert_array_equal(drawn, stored[np.random.default_rng(3).integers(0, len(stored), 4000)])
+
+
+def _read_shards(path):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from tvm_jax.data import records
+
+    out = []
+    for file in records.shard_paths(path):
+        reader = ArrayRecordReader(file)
+        out.append(reader.read_all())
+        reader.close()
+    return out
+
+
+def test_protocol_settings_are_checked_before_anything_runs(gmm_run, tmp_path, monkeypatch):
+    def no_loading(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(generate, "load_for_sampling", no_loading)
+    c = _latents_config()
+    c.data.vae_path, c.eval.inception_path = str(tmp_path), str(tmp_path)
+    from tvm_jax.inception import FEATURE_DIM
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
+    c.eval.reference_stats = str(tmp_path / "ref.npz")
+    with pytest.raises(ValueError, match=r"^data\.path: eval\.protocol = 'paper' draws each sample's label"):
+        evaluation.evaluate(c, checkpoint=str(tmp_path), steps=[1])
+    c.data.path = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"^data\.path: .*nowhere"):
+        evaluation.evaluate(c, checkpoint=str(tmp_path), steps=[1])
+    c.eval.protocol = "fancy"
+    with pytest.raises(ValueError, match=r"^eval\.protocol: unknown protocol 'fancy'"):
+        evaluation.evaluate(c, checkpoint=str(tmp_path), steps=[1])
+    g = _gmm_config()
+    g.eval.protocol = "paper"
+    with pytest.raises(ValueError, match=r"^eval\.protocol: 'paper' is the ImageNet FID protocol"):
+        evaluation.evaluate(g, workdir=gmm_run, steps=[1])
+
+
+# ----------------------------------------------------------------------------- output location
+
+
+def test_unwritable_output_fails_before_the_first_sample(tmp_path, monkeypatch):
+    """The report's directory cannot be made (a file stands where WORKDIR/eval or DIR/eval would
+    go): the error comes before the model is sampled, nothing is changed; an existing report
+    without --overwrite likewise."""
+    model_dir = _export_dit(tmp_path / "digits_model", input_size=8, in_channels=1, num_classes=10, patch=2)
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampling started before the output location was checked")
+
+    monkeypatch.setattr(evaluation.ShardedSampler, "batches", no_sampling)
+    monkeypatch.setattr(evaluation.ShardedSampler, "sample", no_sampling)
+    blocker = os.path.join(model_dir, "eval")
+    with open(blocker, "w") as f:
+        f.write("not a directory")
+    with pytest.raises(ValueError, match=rf"cannot write results to {blocker}: {blocker} is not a directory; "
+                                         r"pass --workdir=DIR"):
+        evaluation.evaluate(_digits_config(), checkpoint=model_dir, steps=[1])
+    with open(blocker) as f:
+        assert f.read() == "not a directory"
+    c = _digits_config()
+    report = evaluation.output_path(workdir=str(tmp_path / "results"), checkpoint=model_dir, step=None, w=c.sample.w)
+    os.makedirs(os.path.dirname(report))
+    with open(report, "w") as f:
+        f.write("{}")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluation.evaluate(c, workdir=str(tmp_path / "results"), checkpoint=model_dir, steps=[1])
+    with open(report) as f:
+        assert f.read() == "{}"
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / "eval" / "r.json")
+    evaluation.write_results(path, {"fid": 1.0}, overwrite=False)
+    with pytest.raises(FileExistsError):
+        evaluation.write_results(path, {"fid": 2.0}, overwrite=False)
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(ValueError, match=r"cannot write results to .*r\.json: No space left on device"):
+        evaluation.write_results(path, {"fid": 2.0}, overwrite=True)
+    assert os.listdir(tmp_path / "eval") == ["r.json"]  # no temporary file left behind
+    with open(path) as f:
+        assert json.load(f) == {"fid": 1.0}  # the previous report is intact
+
+
+def test_evaluate_cli_unwritable_output(tmp_path):
+    """``python -m tvm_jax.main --mode=evaluate`` with an output directory that cannot be created:
+    exit 2 and one line naming it, before any sampling."""
+    import subprocess
+    import sys
+
+    model_dir = _export_dit(tmp_path / "m", input_size=8, in_channels=1, num_classes=10, patch=2)
+    (tmp_path / "m" / "eval").write_text("x")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "tvm_jax.main", "--mode=evaluate", "--config=configs/digits.py",
+                          f"--checkpoint={model_dir}", "--steps=1"], cwd=repo, capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"{model_dir}/eval is not a directory" in errors[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "images/s" not in res.stderr

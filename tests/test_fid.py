@@ -18,7 +18,10 @@ costs ~6 GFLOP per image on CPU).
 
 from __future__ import annotations
 
+import codecs
+import os
 import pickle
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -601,6 +604,99 @@ def test_reference_pkl_refuses_code(tmp_path):
         pickle.dump({"mu": "abc", "sigma": np.eye(2)}, f)
     with pytest.raises(ValueError, match="numeric numpy array"):
         load_reference_statistics(tmp_path / "obj.pkl")
+
+
+def _edm2_reference_pickle(path, mu, sigma, num_images=50000):
+    """A reference file written as EDM2 writes ``img256.pkl``/``img512.pkl`` (NVlabs/edm2,
+    calculate_metrics.py: ``calculate_stats_for_iterable`` builds
+    ``dict(num_images=N, fid=dict(mu=..., sigma=...), fd_dinov2=dict(mu=..., sigma=...))`` from
+    float64 tensors via ``.cpu().numpy()`` and ``save_stats`` calls ``pickle.dump(stats, f)``)."""
+    stats = dict(num_images=num_images, fid=dict(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64)),
+                 fd_dinov2=dict(mu=np.zeros(16), sigma=np.eye(16)))
+    with open(path, "wb") as f:
+        pickle.dump(stats, f)
+    return path
+
+
+def test_reference_edm2_pickle(tmp_path):
+    mu, sigma = compute_statistics(_features())
+    mu2, sigma2 = load_reference_statistics(_edm2_reference_pickle(tmp_path / "img256.pkl", mu, sigma))
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(sigma2, sigma)
+
+
+@pytest.mark.torch
+def test_reference_edm2_pickle_from_torch_statistics(tmp_path):
+    """The statistics computed as EDM2's calculate_stats_for_iterable does, in torch float64."""
+    torch = pytest.importorskip("torch")
+    features = torch.as_tensor(_features(), dtype=torch.float64)
+    n = features.shape[0]
+    mu = features.sum(0) / n
+    sigma = (features.T @ features - mu.ger(mu) * n) / (n - 1)
+    stats = dict(num_images=n, fid=dict(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy()))
+    with open(tmp_path / "img512.pkl", "wb") as f:
+        pickle.dump(stats, f)
+    mu2, sigma2 = load_reference_statistics(tmp_path / "img512.pkl")
+    np.testing.assert_allclose(mu2, compute_statistics(_features())[0], rtol=1e-12)
+    np.testing.assert_allclose(sigma2, compute_statistics(_features())[1], rtol=1e-9, atol=1e-12)
+
+
+def _as_numpy1(data: bytes, protocol: int) -> bytes:
+    """The same pickle as numpy 1.x writes it: module ``numpy.core.multiarray`` instead of numpy
+    2's ``numpy._core.multiarray`` (protocol 2: GLOBAL text lines; protocol 4: a length-prefixed
+    SHORT_BINUNICODE inside one FRAME whose length shrinks accordingly)."""
+    if protocol == 2:
+        return data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    old, new = b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray"
+    count = data.count(old)
+    assert count and data[2:3] == b"\x95"  # FRAME opcode right after PROTO
+    (frame,) = struct.unpack("<Q", data[3:11])
+    return data[:3] + struct.pack("<Q", frame - count) + data[11:].replace(old, new)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_reference_pickle_written_by_numpy1(tmp_path, protocol):
+    mu, sigma = np.linspace(0, 1, 4), np.diag(np.arange(1.0, 5.0))
+    data = pickle.dumps(dict(num_images=7, fid=dict(mu=mu, sigma=sigma)), protocol=protocol)
+    numpy1 = _as_numpy1(data, protocol)
+    assert b"numpy.core.multiarray" in numpy1 and b"numpy._core" not in numpy1
+    (tmp_path / "np1.pkl").write_bytes(numpy1)
+    mu2, sigma2 = load_reference_statistics(tmp_path / "np1.pkl")
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(sigma2, sigma)
+
+
+class _Reduce:
+    def __init__(self, *reduced):
+        self.reduced = reduced
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def test_malicious_reference_pickles_execute_and_allocate_nothing(tmp_path):
+    from tvm_jax.fid import UnsafePickleError, _numpy_core
+
+    marker = tmp_path / "pwned"
+    cases = {
+        "system call inside EDM2's fd_dinov2": dict(num_images=1, fid=dict(mu=np.zeros(2), sigma=np.eye(2)),
+                                                    fd_dinov2=_Reduce(os.system, (f"touch {marker}",))),
+        "eval": dict(mu=_Reduce(eval, (f"open({str(marker)!r}, 'w')",)), sigma=np.eye(2)),
+        "ndarray of 2^40 elements": dict(mu=_Reduce(np.ndarray, ((1 << 40,),)), sigma=np.eye(2)),
+        "_reconstruct of 2^40 elements": dict(mu=_Reduce(_numpy_core().multiarray._reconstruct,
+                                                         (np.ndarray, (1 << 40,), b"b")), sigma=np.eye(2)),
+        "_codecs.encode with another codec": dict(mu=_Reduce(codecs.encode, (b"x", "zlib_codec")), sigma=np.eye(2)),
+    }
+    for name, obj in cases.items():
+        path = tmp_path / "evil.pkl"
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+        with pytest.raises(UnsafePickleError, match=rf"^{path}: refusing"):
+            load_reference_statistics(path)
+        assert not marker.exists(), name
+    path.write_bytes(b"\x80\x04garbage that is not a pickle")
+    with pytest.raises(ValueError, match=rf"^{path}: not a readable statistics pickle"):
+        load_reference_statistics(path)
 
 
 # --------------------------------------------------------------------------------------

@@ -45,11 +45,25 @@ def run_signature(config) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=list))
 
 
+def checkpoint_directory(workdir: str, *, must_exist: bool = False) -> str:
+    """``WORKDIR/checkpoints`` (absolute). ``must_exist``: raises ``FileNotFoundError`` if it is not
+    a directory (reading a run must not create anything)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if must_exist and not os.path.isdir(directory):
+        what = "does not exist" if not os.path.exists(workdir) else f"has no checkpoints ({directory} is missing)"
+        raise FileNotFoundError(f"--workdir {workdir} {what}: train first, or pass --checkpoint=DIR (an exported "
+                                "model)")
+    return directory
+
+
 class Checkpointer:
-    def __init__(self, workdir: str, *, keep: int, config, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    """``create=False``: for reading an existing run (no directory is made; see
+    :func:`checkpoint_directory` with ``must_exist``)."""
+
+    def __init__(self, workdir: str, *, keep: int, config, async_save: bool = True, create: bool = True):
+        self.directory = checkpoint_directory(workdir, must_exist=not create)
         self.config = config
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta"),

@@ -22,6 +22,9 @@ RAW_STD_512 = (5.27, 5.91, 4.21, 4.31)
 
 DATA_SOURCES = ("latents", "digits", "gmm", "synthetic")
 MODEL_TYPES = ("dit", "mlp")
+# FID protocols of --mode=evaluate (tvm_jax.evaluation): "paper" as the official evaluation (labels of
+# random training items, uint8 by truncation); "balanced" (balanced shuffled labels, uint8 by rounding).
+EVAL_PROTOCOLS = ("paper", "balanced")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -116,7 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
     ev.batch_size = 256
     ev.steps = (1, 2, 4)
     ev.inception_path = ""
-    ev.reference_stats = ""
+    ev.reference_stats = ""  # ADM .npz or EDM2 .pkl (img256.pkl / img512.pkl)
+    ev.protocol = "paper"  # one of EVAL_PROTOCOLS; the toy configs (digits, gmm) use "balanced"
 
     c.mesh = mm = ml_collections.ConfigDict()
     mm.fsdp = 1  # size of the parameter-sharding axis; the data axis takes the rest of the devices
@@ -208,6 +212,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"must be positive step counts, got {tuple(s.steps)}")
     _need(s.method in ("flow_map", "euler"), "sample.method", f"unknown method {s.method!r}")
     _need(s.num_images > 0, "sample.num_images", f"must be positive, got {s.num_images}")
+    _need(config.eval.get("protocol") in EVAL_PROTOCOLS, "eval.protocol",
+          f"unknown protocol {config.eval.get('protocol')!r}; choose one of {EVAL_PROTOCOLS}")
     _need(isinstance(config.mesh.fsdp, int) and config.mesh.fsdp >= 1, "mesh.fsdp",
           f"must be a positive integer, got {config.mesh.fsdp!r}")
 

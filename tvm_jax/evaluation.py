@@ -3,14 +3,23 @@ r"""``--mode=evaluate``: sample-quality metrics of a trained or exported model.
   python -m tvm_jax.main --mode=evaluate --config=configs/gmm.py --workdir=runs/gmm
   python -m tvm_jax.main --mode=evaluate --config=configs/in256.py --checkpoint=converted/in256_w2 \
       --config.data.vae_path=/weights/sd-vae-ft-ema --config.eval.inception_path=/weights/pt_inception.pth \
-      --config.eval.reference_stats=/refs/VIRTUAL_imagenet256_labeled.npz --steps=1,2 --w=2
+      --config.eval.reference_stats=/refs/img256.pkl --config.data.path=/data/in256 --steps=1,2 --w=2
 
 The model (a training run's latest checkpoint, evaluation EMA by default, or an exported model
 directory) draws samples at every requested step count with the N-step sampler of
-:mod:`tvm_jax.sampling` at CFG weight ``w`` (default ``config.sample.w``). Class labels are
-balanced: ``arange(n) % num_classes``, shuffled with ``seed``. Sample ``i`` starts from the
-noise ``normal(fold_in(key(seed), i))``, so the samples depend on the seed only, not on the
-batch size or the number of devices, and every step count starts from the same noise.
+:mod:`tvm_jax.sampling` at CFG weight ``w`` (default ``config.sample.w``). Sample ``i`` starts
+from the noise ``normal(fold_in(key(seed), i))``, so the samples depend on the seed only, not on
+the batch size or the number of devices, and every step count starts from the same noise.
+
+Protocols (``eval.protocol``)
+-----------------------------
+``paper`` (default of the ImageNet configs; latents only), the official evaluation: sample
+``i``'s class label is the label of a random training item (drawn with replacement, seeded by
+``seed``; read from ``data.path``, see :func:`tvm_jax.data.records.draw_training_labels`), so the
+labels follow the dataset's label distribution; decoded images become uint8 by truncation,
+``floor(clip(x * 0.5 + 0.5, 0, 1) * 255)`` (:func:`truncate_to_uint8`, as the official encoder's
+cast). ``balanced`` (the digits and gmm configs; an option for latents): labels
+``arange(n) % num_classes`` shuffled with ``seed``; uint8 by rounding, ``round((x + 1) * 127.5)``.
 
 Metrics by ``config.data.source``
 ---------------------------------
@@ -44,14 +53,18 @@ images are split into two stratified halves A and B.
 ``latents`` (ImageNet latents). FID: samples are decoded to pixels with the Stable Diffusion VAE
 (``data.vae_path``, undoing the data pipeline's per-channel normalisation), converted to uint8,
 embedded with the FID Inception-v3 (``eval.inception_path``) and compared with the reference
-statistics (``eval.reference_stats``, ``.npz`` with ``mu``/``sigma``) by
+statistics (``eval.reference_stats``: EDM2's ``img256.pkl``/``img512.pkl`` or an ``.npz`` with
+``mu``/``sigma`` such as ADM's, :func:`tvm_jax.fid.load_reference_statistics`) by
 :func:`tvm_jax.fid.frechet_distance` (pytorch-fid's formula). ``eval.num_samples`` (default
-50 000) samples per step count, streamed batch by batch (images are never all in memory).
+50 000) samples per step count, streamed batch by batch (images are never all in memory). The
+report names the protocol, the reference statistics and the Inception weights with their sha256.
 
 ``synthetic`` has nothing to compare against: a ``ValueError``.
 
-Non-finite samples are counted (``nonfinite_samples``), never hidden: they count as wrong for the
-accuracy, and a distance that needs finite samples (W2, FD, FID) is then ``null``.
+Non-finite samples are counted (``nonfinite_samples``) and listed by index (``nonfinite_indices``,
+the first 1000), never hidden: they count as wrong for the accuracy; W2 and FD are then ``null``;
+FID leaves them out of the statistics, says so (``fid_samples``, ``note``) and is ``null`` only
+when fewer than two samples are finite.
 
 Sharding and output
 -------------------
@@ -63,17 +76,22 @@ images/s, ETA) every 10% or every ``PROGRESS_EVERY_SECS`` seconds.
 Results are written (by process 0) to ``WORKDIR/eval/eval_step{STEP}_w{w}.json`` (for an exported
 model ``--checkpoint=DIR`` without a workdir: ``DIR/eval/eval_stepexported_w{w}.json``; a seed other
 than 0 adds ``_seed{seed}``, ``--weights=params`` adds ``_params``) with the
-metrics per step count (keys ``"1"``, ``"2"``, ...), sample count, ``w``, seed, model, date and
-device kinds; an existing file is kept unless ``overwrite=True`` (``--overwrite``).
+metrics per step count (keys ``"1"``, ``"2"``, ...), sample count, protocol, ``w``, seed, model,
+date and device kinds. Before the first sample the output location is checked: an existing report
+is kept unless ``overwrite=True`` (``--overwrite``), and the directory must be writable (or
+creatable); nothing is created until the report is written, atomically (temporary file, then
+``os.replace``).
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any, Iterator, Sequence
 
@@ -85,6 +103,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tvm_jax import generate
+from tvm_jax.config import EVAL_PROTOCOLS
 from tvm_jax.sampling import make_sampler
 
 GMM_MAX_SAMPLES = 2000  # exact W2 by optimal assignment is O(N^3)
@@ -103,6 +122,24 @@ def balanced_labels(n: int, num_classes: int, seed: int) -> np.ndarray:
     labels = (np.arange(n) % num_classes).astype(np.int32)
     np.random.default_rng(seed).shuffle(labels)
     return labels
+
+
+def truncate_to_uint8(images):
+    """Images in [-1, 1] -> uint8 as the official TVM/EDM2 evaluation does:
+    ``floor(clip(x * 0.5 + 0.5, 0, 1) * 255)`` (a cast to uint8 truncates). jax in -> jax out."""
+    xp = jnp if isinstance(images, jax.Array) else np
+    x = xp.clip(xp.asarray(images, xp.float32) * 0.5 + 0.5, 0.0, 1.0)
+    return xp.floor(x * 255.0).astype(xp.uint8)
+
+
+NONFINITE_INDICES_SHOWN = 1000  # at most this many indices of non-finite samples in the report
+
+
+def nonfinite_report(finite: np.ndarray) -> dict[str, Any]:
+    """``{"nonfinite_samples": count, "nonfinite_indices": [...]}`` (sample indices, the first
+    ``NONFINITE_INDICES_SHOWN``) for the finite-row mask of all samples."""
+    bad = np.flatnonzero(~np.asarray(finite, bool))
+    return {"nonfinite_samples": int(len(bad)), "nonfinite_indices": [int(i) for i in bad[:NONFINITE_INDICES_SHOWN]]}
 
 
 def per_sample_noise(seed: int, indices, shape: Sequence[int]) -> jax.Array:
@@ -294,7 +331,7 @@ def evaluate_gmm(config, model: generate.LoadedModel, sampler: ShardedSampler, s
     for s in steps:
         x = sampler.sample(s, labels, what=f"{s}-step samples").astype(np.float64)
         finite = _finite_rows(x)
-        entry: dict[str, Any] = {"nonfinite_samples": int((~finite).sum())}
+        entry: dict[str, Any] = nonfinite_report(finite)
         if finite.all():
             entry["w2"], entry["w2_conditional"] = _w2_pair(x, truth, labels)
             entry["displacement_mse"] = float(np.mean(np.sum((x - truth) ** 2, axis=1)))
@@ -431,8 +468,7 @@ def evaluate_digits(config, model: generate.LoadedModel, sampler: ShardedSampler
         x = sampler.sample(s, labels, what=f"{s}-step samples")
         finite = _finite_rows(x)
         feats, preds = judge(np.clip(np.where(finite[:, None, None, None], x, 0.0), -1.0, 1.0))
-        entry: dict[str, Any] = {"accuracy": float(np.mean((preds == labels) & finite)),
-                                 "nonfinite_samples": int((~finite).sum())}
+        entry: dict[str, Any] = {"accuracy": float(np.mean((preds == labels) & finite)), **nonfinite_report(finite)}
         entry["fd"] = _fd(feats, judge.features_b) if finite.all() else None
         metrics[str(s)] = entry
         logging.info("digits %d-step: %s", s, entry)
@@ -452,8 +488,8 @@ _LATENT_FIELDS = {
     "data.vae_path": "a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) to "
                      "decode latents to pixels",
     "eval.inception_path": "the FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)",
-    "eval.reference_stats": "the reference statistics (.npz with mu and sigma, e.g. ADM's "
-                            "VIRTUAL_imagenet256_labeled.npz)",
+    "eval.reference_stats": "the reference statistics (EDM2's img256.pkl / img512.pkl, or an .npz with mu and "
+                            "sigma such as ADM's VIRTUAL_imagenet256_labeled.npz)",
 }
 
 
@@ -480,22 +516,30 @@ def check_latent_inputs(config) -> tuple[np.ndarray, np.ndarray]:
     try:
         mu, sigma = load_reference_statistics(config.eval.reference_stats)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"eval.reference_stats: {e}") from None
+        raise ValueError(f"eval.reference_stats: {e.args[0] if e.args else e}") from None
     if mu.shape != (FEATURE_DIM,):
         raise ValueError(f"eval.reference_stats: {config.eval.reference_stats} holds {mu.shape[0]}-d statistics, "
                          f"not the {FEATURE_DIM}-d Inception pool3 statistics FID needs")
     return mu, sigma
 
 
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 class LatentDecoder:
     """Sharded, jitted ``latents -> (uint8 images, finite-row mask)``: the data pipeline's
-    normalisation undone (``raw = z * raw_std / final_std + raw_mean``), then the VAE decoder."""
+    normalisation undone (``raw = z * raw_std / final_std + raw_mean``), the VAE decoder, then
+    ``to_uint8`` (images in [-1, 1] -> uint8; :func:`truncate_to_uint8` or ``vae.to_uint8``)."""
 
-    def __init__(self, config, sampler: ShardedSampler):
+    def __init__(self, config, sampler: ShardedSampler, to_uint8=None):
         from flax import nnx
 
-        from tvm_jax.vae import load_vae, to_uint8
+        from tvm_jax.vae import load_vae
+        from tvm_jax.vae import to_uint8 as round_to_uint8
 
+        to_uint8 = round_to_uint8 if to_uint8 is None else to_uint8
         vae = load_vae(config.data.vae_path)
         channels = sampler.model.sample_shape[-1]
         if vae.config.latent_channels != channels:
@@ -533,37 +577,105 @@ def _inception_features(extractor, images: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(extractor(images[share]), tiled=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How an evaluation draws labels and turns decoded images into uint8 (``eval.protocol``)."""
+
+    name: str
+    labels: np.ndarray
+    labels_from: str  # how the labels were drawn
+    to_uint8: Any  # images in [-1, 1] -> uint8 (jax arrays)
+    pixels: str | None  # the uint8 conversion, in words (None: the metric does not use uint8 pixels)
+
+    def describe(self) -> dict[str, str]:
+        out = {"name": self.name, "labels": self.labels_from}
+        return out if self.pixels is None else {**out, "pixels": self.pixels}
+
+
+def check_protocol(config) -> str:
+    """The protocol name of ``eval.protocol``, with what it needs checked (before any model work)."""
+    name = config.eval.get("protocol", "balanced")
+    if name not in EVAL_PROTOCOLS:
+        raise ValueError(f"eval.protocol: unknown protocol {name!r}; choose one of {EVAL_PROTOCOLS}")
+    source = config.data.source
+    if name == "paper":
+        if source != "latents":
+            raise ValueError(f"eval.protocol: 'paper' is the ImageNet FID protocol (data.source = 'latents'); "
+                             f"evaluate {source!r} with --config.eval.protocol=balanced")
+        if not config.data.path:
+            raise ValueError("data.path: eval.protocol = 'paper' draws each sample's label from the training "
+                             "labels; set --config.data.path to the prepared latents (or "
+                             "--config.eval.protocol=balanced)")
+        if not os.path.exists(config.data.path) and not any(ch in config.data.path for ch in "*?["):
+            raise FileNotFoundError(f"data.path: {config.data.path!r} does not exist")
+    return name
+
+
+def make_protocol(config, num_samples: int, seed: int, num_classes: int) -> Protocol:
+    """``paper``: each sample's label is the label of a random training item (seeded; the
+    dataset's label distribution, read from ``data.path``), pixels truncated to uint8;
+    ``balanced``: :func:`balanced_labels` over ``num_classes`` (the model's), pixels rounded to
+    uint8 (``vae.to_uint8``)."""
+    from tvm_jax.vae import to_uint8 as round_to_uint8
+
+    name = check_protocol(config)
+    if name == "paper":
+        from tvm_jax.data import records
+
+        labels, read_from = records.draw_training_labels(config.data.path, num_samples, seed)
+        if int(labels.max()) >= num_classes:
+            raise ValueError(f"data.path: the training labels go up to {int(labels.max())} but the model has "
+                             f"{num_classes} classes")
+        return Protocol(name, labels, f"the labels of {num_samples} random training items (seed {seed}; from "
+                        f"{read_from})", truncate_to_uint8, "floor(clip(x * 0.5 + 0.5, 0, 1) * 255)")
+    return Protocol(name, balanced_labels(num_samples, num_classes, seed),
+                    f"balanced: arange(n) % {num_classes}, shuffled by seed {seed}", round_to_uint8,
+                    "clip(round((x + 1) * 127.5), 0, 255)" if config.data.source == "latents" else None)
+
+
 def evaluate_latents(config, model: generate.LoadedModel, sampler: ShardedSampler, steps: Sequence[int],
-                     num_samples: int, seed: int, reference: tuple[np.ndarray, np.ndarray]) -> tuple[dict, dict, int]:
-    """``(FID per step count, reference description, samples used)``."""
+                     protocol: Protocol, reference: tuple[np.ndarray, np.ndarray]) -> tuple[dict, dict, int]:
+    """``(FID per step count, reference description, samples used)``.
+
+    A sample that is not finite is left out of the statistics and reported by index
+    (``nonfinite_samples``/``nonfinite_indices``); ``fid_samples`` is the count the FID used
+    (``fid`` is null when fewer than 2 are finite)."""
     from tvm_jax.fid import InceptionFeatures, compute_statistics, frechet_distance
 
     if len(model.sample_shape) != 3:
         raise ValueError(f"FID needs image latents (H, W, C); the model makes samples of shape {model.sample_shape}")
-    decoder = LatentDecoder(config, sampler)
+    labels = protocol.labels
+    num_samples = len(labels)
+    decoder = LatentDecoder(config, sampler, protocol.to_uint8)
     extractor = InceptionFeatures(config.eval.inception_path, batch_size=sampler.batch_size, shard=True)
-    labels = balanced_labels(num_samples, model.num_classes, seed)
     metrics = {}
     for s in steps:
-        feats, bad = [], 0
+        feats, finite_rows = [], []
         for _, count, z in sampler.batches(s, labels, what=f"FID {s}-step"):
             images, finite = decoder(z)
             images, finite = to_host(images)[:count], to_host(finite)[:count]
-            bad += int((~finite).sum())
-            feats.append(_inception_features(extractor, images))
-        entry: dict[str, Any] = {"nonfinite_samples": bad, "fid": None}
-        if bad:
-            logging.warning("FID %d-step: %d of %d samples are not finite; no FID", s, bad, num_samples)
-        else:
+            finite_rows.append(finite)
+            feats.append(_inception_features(extractor, images)[finite])
+        finite = np.concatenate(finite_rows)
+        entry: dict[str, Any] = {"fid": None, "fid_samples": int(finite.sum()), **nonfinite_report(finite)}
+        if entry["nonfinite_samples"]:
+            logging.warning("FID %d-step: %d of %d samples are not finite (indices %s%s); they are left out of the "
+                            "statistics", s, entry["nonfinite_samples"], num_samples, entry["nonfinite_indices"][:10],
+                            " ..." if entry["nonfinite_samples"] > 10 else "")
+            entry["note"] = (f"{entry['nonfinite_samples']} non-finite samples left out: FID of "
+                             f"{entry['fid_samples']} samples")
+        if entry["fid_samples"] >= 2:
             mu, sigma = compute_statistics(np.concatenate(feats))
             entry["fid"] = frechet_distance(mu, sigma, *reference)
         metrics[str(s)] = entry
-        logging.info("FID %d-step (%d samples): %s", s, num_samples, entry["fid"])
+        logging.info("FID %d-step (%d samples): %s", s, entry["fid_samples"], entry["fid"])
     ref = {"reference_stats": os.path.abspath(config.eval.reference_stats),
+           "reference_stats_sha256": file_sha256(config.eval.reference_stats),
            "inception": os.path.abspath(config.eval.inception_path),
+           "inception_sha256": file_sha256(config.eval.inception_path),
            "vae": os.path.abspath(config.data.vae_path),
-           "note": "FID: VAE-decoded samples as uint8, FID Inception-v3 pool3 features, pytorch-fid's Fréchet "
-                   "distance to the reference statistics"}
+           "note": f"FID: VAE-decoded samples as uint8 ({protocol.pixels}), FID Inception-v3 pool3 features, "
+                   "pytorch-fid's Fréchet distance to the reference statistics"}
     return metrics, ref, num_samples
 
 
@@ -634,6 +746,53 @@ def _refuse_existing(path: str) -> None:
     raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
 
 
+def check_output_directory(directory: str, *, hint: str = "") -> None:
+    """Raises ``ValueError`` unless ``directory`` exists and is writable or can be created (the
+    nearest existing ancestor is a writable directory). Creates nothing."""
+    probe = os.path.abspath(directory)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"cannot write results to {directory}: {probe} is not a directory{hint}")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write results to {directory}: {probe} is not writable ({e.strerror or e}){hint}") \
+            from None
+
+
+def check_output_file(path: str, *, overwrite: bool) -> None:
+    """Before the first sample: ``path`` must not exist (unless ``overwrite``; never a directory)
+    and its directory must be writable or creatable."""
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write results to {path}: it is a directory")
+    if os.path.lexists(path) and not overwrite:
+        _refuse_existing(path)
+    check_output_directory(os.path.dirname(path))
+
+
+def write_results(path: str, results: dict, *, overwrite: bool) -> None:
+    """The report as JSON, atomically (a temporary file in the same directory, then
+    ``os.replace``); if writing fails after all, the results go to the log before the error."""
+    if os.path.lexists(path) and not overwrite:  # appeared while we were sampling
+        _refuse_existing(path)
+    text = json.dumps(results, indent=2) + "\n"
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        logging.error("Could not write %s; the results were:\n%s", path, text)
+        raise ValueError(f"cannot write results to {path}: {e.strerror or e} (the results are in the log above)") \
+            from None
+
+
 def evaluate(config, *, workdir: str | None = None, checkpoint: str | None = None, steps: Sequence[int] = (1, 2, 4),
              w: float | None = None, seed: int = 0, weights: str = "ema", overwrite: bool = False) -> dict:
     """Evaluates the model at every step count and writes the JSON report; returns its content.
@@ -663,25 +822,28 @@ def evaluate(config, *, workdir: str | None = None, checkpoint: str | None = Non
     batch_size = _positive_int(config.eval.batch_size, "eval.batch_size", 1)
     method = config.sample.get("method", "flow_map")
     reference_stats = check_latent_inputs(config) if source == "latents" else None
+    root = workdir or checkpoint
+    check_output_directory(os.path.join(os.path.abspath(root), "eval"),
+                           hint="" if workdir else "; pass --workdir=DIR to write the results under DIR/eval")
+    check_protocol(config)
 
     model = generate.load_for_sampling(config, checkpoint=checkpoint, workdir=workdir, weights=weights)
     if w is None:
         w = _check_w(config.sample.w)
     step = None if checkpoint else model.step
     path = output_path(workdir=workdir, checkpoint=checkpoint, step=step, w=w, seed=seed, weights=weights)
-    if os.path.exists(path) and not overwrite:
-        _refuse_existing(path)
+    check_output_file(path, overwrite=overwrite)
+    protocol = make_protocol(config, num_samples, seed, model.num_classes)
 
     sampler = ShardedSampler(model, w=w, seed=seed, batch_size=batch_size, method=method)
-    logging.info("Evaluating %s on %s: steps %s, w = %g, seed %d, batches of %d over %d devices", model.description,
-                 source, steps, w, seed, sampler.batch_size, sampler.num_devices)
+    logging.info("Evaluating %s on %s: steps %s, w = %g, seed %d, protocol %s, batches of %d over %d devices",
+                 model.description, source, steps, w, seed, protocol.name, sampler.batch_size, sampler.num_devices)
     if source == "gmm":
         metrics, reference, used = evaluate_gmm(config, model, sampler, steps, num_samples, seed)
     elif source == "digits":
         metrics, reference, used = evaluate_digits(config, model, sampler, steps, num_samples, seed)
     else:
-        metrics, reference, used = evaluate_latents(config, model, sampler, steps, num_samples, seed,
-                                                    reference_stats)
+        metrics, reference, used = evaluate_latents(config, model, sampler, steps, protocol, reference_stats)
 
     devices = jax.devices()
     results = _jsonable({
@@ -694,8 +856,9 @@ def evaluate(config, *, workdir: str | None = None, checkpoint: str | None = Non
         "steps": steps,
         "num_samples": used,
         "num_samples_requested": num_samples,
+        "protocol": protocol.describe(),
         "sampler": {"method": method, "scaled_param": bool(model.scaled), "batch_size": sampler.batch_size,
-                    "noise": "normal(fold_in(key(seed), i)) for sample i", "labels": "balanced, shuffled by seed"},
+                    "noise": "normal(fold_in(key(seed), i)) for sample i"},
         "metrics": metrics,
         "reference": reference,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -705,13 +868,6 @@ def evaluate(config, *, workdir: str | None = None, checkpoint: str | None = Non
         "output": path,
     })
     if jax.process_index() == 0:
-        if os.path.exists(path) and not overwrite:  # appeared while we were sampling
-            _refuse_existing(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_results(path, results, overwrite=overwrite)
         logging.info("Wrote %s", path)
     return results

@@ -6,7 +6,7 @@
 * :func:`compute_statistics` / :func:`frechet_distance` — float64 mean/covariance and the
   Fréchet distance as in pytorch-fid (``scipy.linalg.sqrtm``, eps-offset fallback for singular
   products, imaginary-part check).
-* :func:`load_reference_statistics` (ADM-style ``.npz`` with ``mu``/``sigma``; EDM-style
+* :func:`load_reference_statistics` (ADM-style ``.npz`` with ``mu``/``sigma``; EDM2-style
   ``.pkl`` read with a numpy-only restricted unpickler), :func:`save_statistics`,
   :func:`statistics_from_folder`.
 
@@ -20,12 +20,14 @@ Typical use::
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 import os
 import pickle
 import tempfile
 import time
+import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -198,26 +200,62 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 # --------------------------------------------------------------------------------------
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays/scalars and plain containers, and nothing else."""
+def _numpy_core():
+    """numpy's core package: ``numpy._core`` (numpy >= 2) or ``numpy.core`` (numpy 1.x)."""
+    core = getattr(np, "_core", None)
+    return core if core is not None and hasattr(core, "multiarray") else np.core
 
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("collections", "OrderedDict"),
-        ("_codecs", "encode"),  # protocol-2 pickles store array bytes as _codecs.encode(str, 'latin1')
-    }
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A statistics pickle that names something other than numpy arrays and plain containers."""
+
+
+class _ArrayClass:
+    """Stands for ``numpy.ndarray`` in a pickle: only :func:`_reconstruct` accepts it (calling
+    ``ndarray(shape)`` directly could allocate any amount of memory)."""
+
+    def __new__(cls, *args, **kwargs):
+        raise UnsafePickleError(f"refusing to call numpy.ndarray{args!r} (numpy pickles never do)")
+
+
+def _reconstruct(subtype, shape, dtype):
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b"b") followed by its state, whose
+    # bytes must then match the declared shape; anything else is not numpy's own output.
+    if subtype is not _ArrayClass or not isinstance(shape, tuple) or shape != (0,):
+        raise UnsafePickleError(f"refusing to reconstruct an array of {subtype!r} with shape {shape!r}")
+    return _numpy_core().multiarray._reconstruct(np.ndarray, (0,), dtype)
+
+
+def _latin1(text, encoding="latin1"):
+    # protocol-2 pickles of numpy arrays store the bytes as _codecs.encode(str, "latin1")
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds numpy arrays/scalars and plain containers, and nothing else.
+
+    The globals a numpy pickle names are mapped to fixed objects (never imported by the name the
+    file gives): numpy 1.x writes ``numpy.core.multiarray``/``numpy.core.numeric``, numpy 2.x
+    ``numpy._core.*``; both resolve to the installed numpy's functions."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        core = _numpy_core()
+        allowed = {("numpy", "ndarray"): _ArrayClass, ("numpy", "dtype"): np.dtype,
+                   ("collections", "OrderedDict"): collections.OrderedDict,
+                   ("_codecs", "encode"): _latin1}
+        for package in ("numpy.core", "numpy._core"):
+            allowed[(f"{package}.multiarray", "_reconstruct")] = _reconstruct
+            allowed[(f"{package}.multiarray", "scalar")] = core.multiarray.scalar
+            allowed[(f"{package}.numeric", "_frombuffer")] = core.numeric._frombuffer
+        self._allowed = allowed
 
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name} (only numpy arrays are allowed)")
+        if (module, name) in self._allowed:
+            return self._allowed[(module, name)]
+        raise UnsafePickleError(f"refusing to unpickle global {module}.{name} (only numpy arrays are allowed)")
 
 
 def _load_safe_pickle(path: Path) -> Any:
@@ -225,26 +263,55 @@ def _load_safe_pickle(path: Path) -> Any:
         return _NumpyOnlyUnpickler(io.BytesIO(f.read())).load()
 
 
+def _mu_sigma(obj) -> dict | None:
+    """The dict holding ``mu``/``sigma`` in a statistics pickle: top level, or EDM2's
+    ``{"num_images": N, "fid": {"mu", "sigma"}, "fd_dinov2": {...}}``."""
+    if isinstance(obj, dict) and "mu" in obj and "sigma" in obj:
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get("fid"), dict) and "mu" in obj["fid"] and "sigma" in obj["fid"]:
+        return obj["fid"]
+    return None
+
+
 def load_reference_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Reads (mu, sigma) as float64 from an ADM-style ``.npz`` (keys ``mu``, ``sigma``; other
-    keys such as ``arr_0`` are ignored) or an EDM-style ``.pkl`` (a pickled dict with ``mu`` and
-    ``sigma`` numpy arrays, read with a numpy-only restricted unpickler)."""
+    """Reads the Inception (mu, sigma) as float64 from
+
+    * an ADM-style ``.npz`` (keys ``mu``, ``sigma``; other keys such as ``arr_0`` are ignored), or
+    * an EDM2-style ``.pkl``: what EDM2's ``calculate_metrics.py ref`` writes (``img256.pkl``,
+      ``img512.pkl``), ``pickle.dump(dict(num_images=N, fid=dict(mu=..., sigma=...),
+      fd_dinov2=...))`` of numpy arrays, or a pickled dict with ``mu``/``sigma`` at the top;
+      read with a numpy-only unpickler that executes nothing from the file.
+
+    Raises ``FileNotFoundError``, ``KeyError`` (no mu/sigma) or ``ValueError`` (unreadable,
+    unsafe or malformed content), each naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            keys = list(f.files)
-            if "mu" not in keys or "sigma" not in keys:
-                raise KeyError(f"{path}: expected arrays 'mu' and 'sigma', found {keys}")
-            mu, sigma = f["mu"], f["sigma"]
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                keys = list(f.files)
+                if "mu" not in keys or "sigma" not in keys:
+                    raise KeyError(f"{path}: expected arrays 'mu' and 'sigma', found {keys}")
+                mu, sigma = f["mu"], f["sigma"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable .npz file ({e})") from None
     elif suffix == ".pkl":
-        obj = _load_safe_pickle(path)
-        if not isinstance(obj, dict) or "mu" not in obj or "sigma" not in obj:
-            found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise KeyError(f"{path}: expected a dict with 'mu' and 'sigma', found {found}")
-        mu, sigma = obj["mu"], obj["sigma"]
+        try:
+            obj = _load_safe_pickle(path)
+        except UnsafePickleError as e:
+            raise UnsafePickleError(f"{path}: {e}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                MemoryError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a readable statistics pickle ({type(e).__name__}: {e})") from None
+        stats = _mu_sigma(obj)
+        if stats is None:
+            found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+            raise KeyError(f"{path}: expected a dict with 'mu' and 'sigma' (or EDM2's 'fid': {{'mu', 'sigma'}}), "
+                           f"found {found}")
+        mu, sigma = stats["mu"], stats["sigma"]
     else:
         raise ValueError(f"reference statistics {path}: unsupported suffix {suffix!r} (expected .npz or .pkl)")
     for name, a in (("mu", mu), ("sigma", sigma)):

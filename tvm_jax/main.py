@@ -9,10 +9,12 @@ r"""tvm-jax command line: train, sample, evaluate or export a model.
 
 Any config field can be overridden as ``--config.a.b=value``.
 
-Exit status: 0 on success; 2 for a configuration, data, workdir or checkpoint problem (the
-message says which; what can be checked up front is checked before anything is compiled);
-128 + the signal number (143 for SIGTERM, 130 for SIGINT) when training was stopped by a signal,
-after saving a checkpoint of the step reached (rerun the same command to resume).
+Exit status: 0 on success; 2 for bad input: a flag, a config file (missing, a syntax error, no
+``get_config``, an error inside it), a configuration, data, workdir or checkpoint problem (one line
+``error: ...`` on stderr says which; what can be checked up front is checked before anything is
+compiled); 128 + the signal number (143 for SIGTERM, 130 for SIGINT) when training was stopped by a
+signal, after saving a checkpoint of the step reached (rerun the same command to resume). Ctrl-C
+outside training (start-up, sampling, evaluation) stops at once with one line and status 130.
 
 Multi-host jobs (SLURM, or ``--coordinator_address``/``--num_processes``/``--process_id``)
 initialise ``jax.distributed`` before anything touches a device; see ``launch/``.
@@ -20,12 +22,31 @@ initialise ``jax.distributed`` before anything touches a device; see ``launch/``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+EXIT_BAD_INPUT = 2
+
+
+def _stop_on_interrupt(signum, frame):
+    """SIGINT outside training (whose own handler checkpoints first): one line, status 130, no
+    ``KeyboardInterrupt`` traceback. Installed before the heavy imports below. The process ends at
+    once (``os._exit``): unwinding through JAX/XLA start-up can crash the interpreter on its way out,
+    and nothing is half-written at that point (results and outputs are written at the very end)."""
+    sys.stderr.write("error: interrupted (Ctrl-C)\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _stop_on_interrupt)
+
+import ast  # noqa: E402
+import json  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import ConfigDict, config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -34,6 +55,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "sample/evaluate: an expor
                                   "(from tvm_jax.convert or --mode=export) instead of a training workdir.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "params"], "Which weights of a training run to use.")
 _STEPS = flags.DEFINE_list("steps", None, "sample/evaluate: step counts (default: config.sample.steps).")
+flags.register_validator("steps", lambda v: v is None or all(s.strip().isdigit() and int(s) >= 1 for s in v) and
+                         len(v) > 0, "--steps must be a comma-separated list of positive integers, e.g. --steps=1,2,4")
 _W = flags.DEFINE_float("w", None, "sample/evaluate: CFG weight (default: config.sample.w).")
 _CLASSES = flags.DEFINE_string("classes", "random", "sample: 'random', 'null' or a comma list of class ids.")
 _NUM = flags.DEFINE_integer("num", 16, "sample: how many samples per step count.")
@@ -153,25 +176,124 @@ def _export(config) -> None:
     logging.info("Exported %s to %s", model.description, _OUT.value)
 
 
-def _parse_flags(argv):
-    """absl's parser, plus a one-line error (exit status 2) for a ``--config.a.b=value`` override of
-    a field the config does not have (ml_collections raises KeyError/AttributeError, with a
-    did-you-mean suggestion, instead of a flags error)."""
+def _fail(message: str) -> None:
+    """The CLI's answer to bad input: ``error: MESSAGE`` on one line, exit status 2."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _config_argument(argv) -> str | None:
+    """The value of ``--config=PATH`` / ``--config PATH`` in ``argv`` (the last one wins)."""
+    path = None
+    for i, a in enumerate(argv[1:], start=1):
+        if a.startswith("--config="):
+            path = a[len("--config="):]
+        elif a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    return path
+
+
+def check_config_file(path: str) -> None:
+    """Raises ``ValueError`` (one line, naming the file) for a config file that cannot be a
+    config: missing, not a file, unreadable, not valid Python, or without a module-level
+    ``get_config``. Static: nothing in the file runs here."""
+    if not path:
+        raise ValueError("--config: empty path (e.g. --config=configs/digits.py)")
+    if not os.path.exists(path):
+        raise ValueError(f"--config: {path} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"--config: {path} is not a file")
     try:
-        return app.parse_flags_with_usage(argv)
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        raise ValueError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    try:
+        tree = ast.parse(source, filename=path)
+    except (SyntaxError, ValueError) as e:
+        where = f"{path}:{e.lineno}" if getattr(e, "lineno", None) else path
+        raise ValueError(f"--config: {where}: {getattr(e, 'msg', None) or e} (not valid Python)") from None
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    if "get_config" not in names and "*" not in names:
+        raise ValueError(f"--config: {path} defines no get_config() (a config file returns its ConfigDict from "
+                         "get_config(), see configs/digits.py)")
+
+
+def _unknown_override(error: Exception, argv) -> str | None:
+    """The one-line message for a ``--config.a.b=value`` override of a field the config does not
+    have (ml_collections raises KeyError/AttributeError with a did-you-mean suggestion), else None."""
+    cause = error
+    while cause.args and isinstance(cause.args[0], BaseException):  # AttributeError(KeyError(message))
+        cause = cause.args[0]
+    message = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
+    key = message.split("\n")[0].strip("'\"")
+    flag = next((a.split("=")[0] for a in argv[1:]
+                 if a.startswith("--config.") and key in a.split("=")[0].split(".")[1:]), None)
+    return None if flag is None else f"{flag}: the config has no field {message.replace(chr(10), '; ')}"
+
+
+def _flag_error(error: Exception) -> str:
+    """A flags error in one line (a ValueError raised inside the config file comes wrapped with its
+    whole traceback: keep its last line)."""
+    text = str(error)
+    if "Error whilst parsing config file" in text:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
+    return text
+
+
+def _parse_flags(argv):
+    """absl's flag parser with every kind of bad input answered by one ``error:`` line and exit
+    status 2 instead of a traceback or a usage dump: unknown or malformed flags, ``--steps`` that
+    are not positive integers, a config file that is missing, not Python, has no ``get_config``
+    or fails when run, and ``--config.a.b=value`` overrides of missing fields or of the wrong type."""
+    config_path = _config_argument(argv)
+    if config_path is not None:
+        try:
+            check_config_file(config_path.split(":", 1)[0])
+        except ValueError as e:
+            _fail(str(e))
+    absl_logger = logging.get_absl_logger()
+    absl_logger.disabled = True  # config_flags logs warnings before logging is set up (e.g. "returned None")
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(_flag_error(e))
     except (KeyError, AttributeError) as e:
-        cause = e
-        while cause.args and isinstance(cause.args[0], BaseException):  # AttributeError(KeyError(message))
-            cause = cause.args[0]
-        message = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
-        key = message.split("\n")[0].strip("'\"")
-        flag = next((a.split("=")[0] for a in argv[1:]
-                     if a.startswith("--config.") and key in a.split("=")[0].split(".")[1:]), None)
-        if flag is None:  # not an override (e.g. a bug in the config file itself)
-            raise
-        print(f"error: {flag}: the config has no field {message.replace(chr(10), '; ')}", file=sys.stderr)
-        sys.exit(2)
+        message = _unknown_override(e, argv)
+        _fail(message or f"--config={config_path}: {type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - raised by the config file's own code
+        _fail(f"--config={config_path}: running get_config() failed: {type(e).__name__}: {e}")
+    finally:
+        absl_logger.disabled = False
+    config = _CONFIG.value
+    if config_path is not None and not isinstance(config, ConfigDict):
+        if config is None:
+            _fail(f"--config={config_path}: get_config() returned None, not a ConfigDict (missing return?)")
+        try:  # ml_collections defers an IOError raised by the config file until the config is used
+            getattr(config, "to_dict", None)
+        except OSError as e:
+            cause = e.__cause__ or e
+            _fail(f"--config={config_path}: running get_config() failed: {type(cause).__name__}: {cause}")
+        _fail(f"--config={config_path}: get_config() returned a {type(config).__name__}, not a ConfigDict")
+    return rest
+
+
+def _run(argv) -> None:
+    """``main`` with a usage error (a missing or inconsistent flag) answered by one line, exit 2."""
+    try:
+        main(argv)
+    except app.UsageError as e:
+        _fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(_run, flags_parser=_parse_flags)

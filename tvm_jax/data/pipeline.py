@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from tvm_jax.data import records
+from tvm_jax.data.workers import WorkerSide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class DatasetInfo:
 # ----------------------------------------------------------------------------- sources
 
 
-class ArraySource(grain.sources.RandomAccessDataSource):
+class ArraySource(WorkerSide, grain.sources.RandomAccessDataSource):
     """In-memory arrays as a random-access source."""
 
     def __init__(self, x: np.ndarray, labels: np.ndarray):
@@ -72,7 +73,7 @@ class ArraySource(grain.sources.RandomAccessDataSource):
         return self._repr
 
 
-class _IndexSource(grain.sources.RandomAccessDataSource):
+class _IndexSource(WorkerSide, grain.sources.RandomAccessDataSource):
     """Records are their own index (the generated sources draw from the per-record rng)."""
 
     def __init__(self, n: int):
@@ -86,6 +87,45 @@ class _IndexSource(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:  # stable across processes (grain validates it on restore)
         return f"_IndexSource({self._n})"
+
+
+class LatentRecordSource(WorkerSide, grain.sources.RandomAccessDataSource):
+    """The decoded records of ArrayRecord shards (grain's ``ArrayRecordDataSource``), checked on
+    the way: a record that does not decode, has another shape, a label outside
+    ``[0, num_classes)`` or non-finite values raises ``ValueError`` naming its file and index
+    within the file. Opening checks every shard and its first record (same errors)."""
+
+    def __init__(self, files: list[str], expected_shape=None, num_classes: int | None = None):
+        self._files = list(files)
+        self._starts = np.cumsum([0] + records.shard_record_counts(self._files))
+        self._records = grain.sources.ArrayRecordDataSource(self._files)
+        self._expected_shape = None if expected_shape is None else tuple(expected_shape)
+        self._num_classes = num_classes
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def where(self, index: int) -> str:
+        """``"FILE record I"`` of global record ``index``."""
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return f"{self._files[shard]} record {index - int(self._starts[shard])}"
+
+    def __getitem__(self, index) -> dict[str, Any]:
+        index = int(index)
+        try:
+            data = self._records[index]
+        except RuntimeError as e:
+            raise ValueError(f"{self.where(index)}: cannot be read ({records.first_line(e)})") from None
+        rec = records.decode_record(data, self.where(index))
+        if self._expected_shape is not None and rec["mean"].shape != self._expected_shape:
+            raise ValueError(f"{self.where(index)}: latent of shape {rec['mean'].shape} but data.shape is "
+                             f"{self._expected_shape}")
+        if self._num_classes is not None and not 0 <= rec["label"] < self._num_classes:
+            raise ValueError(f"{self.where(index)}: label {rec['label']} outside [0, {self._num_classes})")
+        return rec
+
+    def __repr__(self) -> str:  # grain validates it on restore: the same as the plain ArrayRecord source
+        return repr(self._records)
 
 
 def load_digits(upsample: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -111,20 +151,14 @@ def gmm_mixture(config):
 
 
 class DecodeLatent(grain.transforms.RandomMap):
-    """Record bytes -> normalised latent sample ``(mean + std * N(0,1)) * scale + bias``."""
+    """A record of :class:`LatentRecordSource` -> normalised latent sample
+    ``(mean + std * N(0,1)) * scale + bias``."""
 
-    def __init__(self, raw_mean, raw_std, final_std: float, expected_shape, num_classes: int):
+    def __init__(self, raw_mean, raw_std, final_std: float):
         self.scale = (final_std / np.asarray(raw_std, np.float32)).astype(np.float32)
         self.bias = (-np.asarray(raw_mean, np.float32) * self.scale).astype(np.float32)
-        self.expected_shape = tuple(expected_shape)
-        self.num_classes = num_classes
 
-    def random_map(self, element: bytes, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        rec = records.decode_record(element)
-        if rec["mean"].shape != self.expected_shape:
-            raise ValueError(f"latent record of shape {rec['mean'].shape} but data.shape is {self.expected_shape}")
-        if not 0 <= rec["label"] < self.num_classes:
-            raise ValueError(f"latent record with label {rec['label']} outside [0, {self.num_classes})")
+    def random_map(self, rec: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         z = rec["mean"] + rec["std"] * rng.standard_normal(rec["mean"].shape, dtype=np.float32)
         return {"x": (z * self.scale + self.bias).astype(np.float32), "label": np.int32(rec["label"])}
 
@@ -159,11 +193,10 @@ def dataset_info(config) -> DatasetInfo:
         raise FileNotFoundError(f"data.path: {d.path!r} does not exist")
     files = records.shard_paths(d.path)
     meta = records.read_metadata(d.path)
-    source = grain.sources.ArrayRecordDataSource(files)
+    source = LatentRecordSource(files)  # opens every shard and decodes its first record
     if len(source) == 0:
         raise ValueError(f"data.path: the ArrayRecord files at {d.path!r} hold no records")
-    first = records.decode_record(source[0])
-    shape = tuple(first["mean"].shape)
+    shape = tuple(source[0]["mean"].shape)
     num_classes = meta["num_classes"] if meta else d.num_classes
     if meta and tuple(meta["shape"]) != shape:
         raise ValueError(f"{d.path}: dataset.json says shape {tuple(meta['shape'])} but records are {shape}")
@@ -209,8 +242,8 @@ class _GlobalOrder(grain.sources.RandomAccessDataSource):
 def _source_and_transform(config):
     d = config.data
     if d.source == "latents":
-        source = grain.sources.ArrayRecordDataSource(records.shard_paths(d.path))
-        return source, DecodeLatent(d.raw_mean, d.raw_std, d.final_std, tuple(d.shape), d.num_classes)
+        source = LatentRecordSource(records.shard_paths(d.path), tuple(d.shape), d.num_classes)
+        return source, DecodeLatent(d.raw_mean, d.raw_std, d.final_std)
     if d.source == "digits":
         return ArraySource(*load_digits(d.upsample)), None
     if d.source == "gmm":
