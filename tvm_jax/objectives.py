@@ -178,6 +178,18 @@ def _draw(key, x0, labels, config: ObjectiveConfig) -> _Draw:
     return _Draw(times, eps, labels, beta)
 
 
+def _pair(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``(B, ...)`` twice -> ``(2B, ...)`` with rows ``2i, 2i + 1 = a[i], b[i]``: one batched call
+    for both, and (unlike a concatenation) every row stays on the device that holds sample ``i``
+    when the batch is sharded."""
+    return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
+
+def _unpair(ab: jax.Array) -> tuple[jax.Array, jax.Array]:
+    ab = ab.reshape(ab.shape[0] // 2, 2, *ab.shape[1:])
+    return ab[:, 0], ab[:, 1]
+
+
 def _interpolate(x0, eps, t):
     t = per_sample(t, x0)
     return (1.0 - t) * x0 + t * eps
@@ -199,13 +211,13 @@ def tvm_terms(apply: NetworkFn, params, target_params, x0, labels, key, config: 
     null = jnp.full_like(labels, config.guidance.null_label)
     teacher = apply(
         target_params,
-        jnp.concatenate([jax.lax.stop_gradient(f), x_fm]),
-        jnp.concatenate([s, s_fm]),
+        _pair(jax.lax.stop_gradient(f), x_fm),
+        _pair(s, s_fm),
         jnp.zeros((2 * x0.shape[0],), jnp.float32),
-        jnp.concatenate([labels, null]),
-        jnp.concatenate([beta, jnp.ones_like(beta)]),
+        _pair(labels, null),
+        _pair(beta, jnp.ones_like(beta)),
     )
-    u_f, u_uncond = jnp.split(jax.lax.stop_gradient(teacher), 2)
+    u_f, u_uncond = _unpair(jax.lax.stop_gradient(teacher))
     if config.scaled_param:
         u_f = per_sample(w, u_f) * u_f
 
