@@ -200,7 +200,8 @@ def test_automatic_microbatch_size_is_the_largest_that_fits():
         lowered.clear()
         limit = int((sizes[n // 2] + sizes[n // 4]) / 2 / (1 - microbatching.SAFETY_MARGIN))
         chosen = microbatching.compile_train_step(lower, n, 0, memory_limit=limit)
-        assert chosen.microbatch_size == n // 4 and lowered == [n, n // 2, n // 4]
+        # largest first; sizes in between may be skipped when they provably cannot fit
+        assert chosen.microbatch_size == n // 4 and lowered[0] == n and lowered[-1] == n // 4, lowered
         assert chosen.estimated_bytes == sizes[n // 4] and chosen.limit_bytes == limit
         assert chosen.compiled is compiled[n // 4]  # the executable that training runs, not a recompilation
         # nothing fits: one line naming the settings to change (the divisors 4, 2, 1 stand for the

@@ -10,7 +10,9 @@ moves between devices, and every micro-batch is again sharded over all devices.
 ``microbatch_size = 0`` ("auto"), for the largest divisor of the per-device batch whose compiled
 step fits the device: XLA's memory analysis of the compiled executable (arguments + outputs +
 temporaries - donated/aliased bytes, per device) against the device's memory
-(``memory_stats()["bytes_limit"]``) less a safety margin. Devices that report no memory (the
+(``memory_stats()["bytes_limit"]``) less a safety margin. Sizes are tried from the largest down;
+after a size that does not fit, sizes that cannot fit either by that size's memory analysis
+(:func:`_next_candidate`) are skipped, so a few compilations suffice. Devices that report no memory (the
 CPU) get the whole per-device batch. The executable of the chosen size is the one training runs;
 nothing is cached on disk. The benchmark scripts use the same function.
 """
@@ -140,14 +142,18 @@ def compile_train_step(lower: Callable[[int], jax.stages.Lowered], per_device_ba
                      _gib(compiled_memory_bytes(compiled)))
         return CompiledStep(per_device_batch, compiled, compiled_memory_bytes(compiled), None)
     usable = int(limit * (1.0 - margin))
+    candidates = sorted(divisors(per_device_batch), reverse=True)
     tried = []
-    for size in sorted(divisors(per_device_batch), reverse=True):
+    i = 0
+    while i < len(candidates):
+        size = candidates[i]
         try:
             compiled = lower(size).compile()
         except jax.errors.JaxRuntimeError as e:  # XLA may give up on memory while compiling
             if not is_out_of_memory(e):
                 raise
             tried.append(f"{size}: out of memory while compiling")
+            i += 1
             continue
         estimate = compiled_memory_bytes(compiled)
         if estimate is None or estimate <= usable:
@@ -157,8 +163,23 @@ def compile_train_step(lower: Callable[[int], jax.stages.Lowered], per_device_ba
                          f"; too large: {', '.join(tried)}" if tried else "")
             return CompiledStep(size, compiled, estimate, limit)
         tried.append(f"{size}: {_gib(estimate)}")
+        i = max(i + 1, _next_candidate(candidates, compiled, size, usable))
         del compiled
     raise ValueError(
         f"train.microbatch_size: not even 1 example per device fits in {_gib(usable)} ({_gib(limit)} per device less "
         f"{100 * margin:.0f}%); estimated per micro-batch size: {', '.join(tried)}. Shard the parameters "
         "(mesh.fsdp), rematerialise activations (model.remat) or use more devices")
+
+
+def _next_candidate(candidates: list[int], compiled, size: int, usable: int) -> int:
+    """Index of the largest size worth compiling next. Arguments and outputs (state, batch) do not
+    depend on the micro-batch size, and temporaries (activations per example plus a fixed part)
+    shrink at most in proportion to it, so ``fixed + temp * m / size`` underestimates the memory
+    at ``m``: sizes above the largest ``m`` it lets fit would not fit either and are skipped
+    (saving their compilations)."""
+    m = compiled.memory_analysis()
+    fixed = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    for j, candidate in enumerate(candidates):
+        if fixed + m.temp_size_in_bytes * candidate / size <= usable:
+            return j
+    return len(candidates)
