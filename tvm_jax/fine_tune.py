@@ -50,7 +50,8 @@ def check_init_from(config, directory: str) -> DiTConfig:
     expected = dit_config(config)
     fields = [f.name for f in dataclasses.fields(DiTConfig) if f.name not in COMPUTE_FIELDS]
     differ = [f"{CONFIG_FIELD.get(name, 'model.' + name)} ({name}): exported {getattr(stored, name)!r}, "
-              f"config {getattr(expected, name)!r}" for name in fields if getattr(stored, name) != getattr(expected, name)]
+              f"config {getattr(expected, name)!r}"
+              for name in fields if getattr(stored, name) != getattr(expected, name)]
     if differ:
         raise ValueError(f"{where} has a different architecture: {'; '.join(differ)}")
     have = _shapes(abstract_params(config))
@@ -67,6 +68,9 @@ def load_init_params(config, directory: str, shardings) -> dict:
     """The exported weights, checked (:func:`check_init_from`), as the config's parameter dtypes,
     placed in ``shardings`` (the parameters' shardings)."""
     check_init_from(config, directory)
-    _, params = model_io.load_model(directory)
+    try:
+        _, params = model_io.load_model(directory)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"train.init_from: {e}") from None
     target = abstract_params(config)
     return jax.tree.map(lambda a, t, s: jax.device_put(np.asarray(a, t.dtype), s), params, target, shardings)

@@ -12,8 +12,10 @@ Any config field can be overridden as ``--config.a.b=value``.
 Exit status: 0 on success; 2 for a configuration, data, workdir or checkpoint problem (the
 message says which; what can be checked up front is checked before anything is compiled), for
 a device out of memory (the message names the settings to change) and for a training run that
-diverged (``train.max_skipped_steps``); 128 + the signal number (143 for SIGTERM, 130 for SIGINT) when training was stopped by a signal,
-after saving a checkpoint of the step reached (rerun the same command to resume).
+diverged (``train.max_skipped_steps``); 128 + the signal number (143 for SIGTERM, 130 for
+SIGINT) when training was stopped by a signal, after saving a checkpoint of the step reached
+(rerun the same command to resume). Any other error prints its one-line cause first, then the
+traceback.
 
 Multi-host jobs (SLURM, or ``--coordinator_address``/``--num_processes``/``--process_id``)
 initialise ``jax.distributed`` before anything touches a device; see ``launch/``.

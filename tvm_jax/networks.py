@@ -134,10 +134,10 @@ def build_network(config, mesh=None, seed: int | None = None) -> Network:
     """Initialises the configured network (inside jit; sharded over ``mesh`` when given)."""
     make = make_module(config)
     seed = config.seed if seed is None else seed
-    graphdef, abstract_params, abstract_buffers = split_model(nnx.eval_shape(lambda: make(nnx.Rngs(seed))))
+    graphdef, params_shape, buffers_shape = split_model(nnx.eval_shape(lambda: make(nnx.Rngs(seed))))
     out_shardings = None
     if mesh is not None:
-        out_shardings = (shd.state_shardings(abstract_params, mesh), shd.state_shardings(abstract_buffers, mesh))
+        out_shardings = (shd.state_shardings(params_shape, mesh), shd.state_shardings(buffers_shape, mesh))
 
     def init():
         _, params, buffers = split_model(make(nnx.Rngs(seed)))

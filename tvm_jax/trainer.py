@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from tvm_jax import images as image_utils
 from tvm_jax import sharding as shd
