@@ -8,6 +8,7 @@ batch, so the split cannot change what a sample draws. Also here: the micro-batc
 device-local (no collective moves batch data), a micro-batch size that does not divide the
 per-device batch is refused before compiling, and the automatic choice against a memory limit.
 """
+import dataclasses
 import os
 
 import jax
@@ -20,7 +21,7 @@ from tvm_jax import sharding as shd
 from tvm_jax.config import load_config_file, objective_config, train_step_config
 from tvm_jax.networks import build_network
 from tvm_jax.objectives import make_objective
-from tvm_jax.training import init_train_state, make_optimizer, make_train_step
+from tvm_jax.training import TrainStepConfig, init_train_state, make_optimizer, make_train_step
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 GLOBAL_BATCH = 16
@@ -61,8 +62,7 @@ def _jitted_step(config, mesh, microbatch_size: int):
     init = lambda p: init_train_state(p, opt, config.seed)  # noqa: E731
     state_sh = shd.state_shardings(jax.eval_shape(init, net.params), mesh)
     state = jax.jit(init, out_shardings=state_sh)(net.params)
-    cfg = train_step_config(config)
-    cfg = type(cfg)(cfg.ema_decay, cfg.target_decay, microbatch_size)
+    cfg = dataclasses.replace(train_step_config(config), microbatch_size=microbatch_size)
     batch_sh = shd.batch_sharding(mesh)
     step = make_train_step(net.apply, make_objective(objective_config(config)), opt, cfg, batch_sharding=batch_sh,
                            param_shardings=state_sh.params)
@@ -148,7 +148,7 @@ def test_microbatch_size_must_divide_the_per_device_batch():
                                              r"\(train\.global_batch_size 16 over 4 devices\); use one of \[1, 2, 4\]"):
             step.lower(*_abstract_args(config, mesh, 3))
     with pytest.raises(ValueError, match=r"train\.microbatch_size: must be a non-negative integer"):
-        type(train_step_config(config))(0.9, 0.5, -1)
+        TrainStepConfig(0.9, 0.5, -1)
 
 
 def _abstract_args(config, mesh, microbatch):
@@ -183,7 +183,7 @@ def test_automatic_microbatch_size_is_the_largest_that_fits():
 
             def compile(self):
                 if self.size not in compiled:
-                    cfg = type(base)(base.ema_decay, base.target_decay, self.size)
+                    cfg = dataclasses.replace(base, microbatch_size=self.size)
                     step = make_train_step(net.apply, objective, opt, cfg, batch_sharding=shd.batch_sharding(mesh))
                     compiled[self.size] = jax.jit(step).lower(state, batch).compile()
                 return compiled[self.size]
