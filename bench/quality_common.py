@@ -38,7 +38,9 @@ if ROOT not in sys.path:
 
 from tvm_jax.flow_map import flow_map, per_sample  # noqa: E402
 from tvm_jax.sampling import euler_sample, flow_map_sample  # noqa: E402
-from tvm_jax.training import TrainState, init_train_state, make_optimizer, make_train_step  # noqa: E402
+from tvm_jax.training import (  # noqa: E402
+    TrainState, TrainStepConfig, init_train_state, make_optimizer, make_train_step,
+)
 
 
 # ----------------------------------------------------------------------------- optimiser / training
@@ -100,7 +102,7 @@ def train(apply, loss_fn, params, *, steps: int, batches: Iterator[dict], opt: O
     fresh batch per step. The params are copied first (the caller's arrays survive donation).
     """
     optimizer = make_adamw(opt)
-    step_fn = jax.jit(make_train_step(apply, loss_fn, optimizer, ema_decay=ema_decay, target_decay=target_decay),
+    step_fn = jax.jit(make_train_step(apply, loss_fn, optimizer, TrainStepConfig(ema_decay, target_decay)),
                       donate_argnums=0)
     state = init_train_state(jax.tree.map(jnp.array, params), optimizer, seed)
     losses: list[tuple[int, float]] = []

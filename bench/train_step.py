@@ -49,9 +49,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tvm_jax import sharding as shd  # noqa: E402
-from tvm_jax.config import load_config_file, objective_config, validate_config  # noqa: E402
+from tvm_jax.config import load_config_file, objective_config, train_step_config, validate_config  # noqa: E402
 from tvm_jax.objectives import make_objective  # noqa: E402
-from tvm_jax.trainer import build_network  # noqa: E402
+from tvm_jax.networks import build_network  # noqa: E402
 from tvm_jax.training import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 VARIANTS = ("default", "detach_jvp", "naive", "xla_attention", "pallas_attention", "remat_dots", "remat_block",
@@ -161,8 +161,8 @@ def bench_variant(config, steps: int, peak_tflops: float) -> dict:
         state_sh = shd.state_shardings(jax.eval_shape(init, net.params), mesh)
         state = jax.jit(init, out_shardings=state_sh, donate_argnums=(0,))(net.params)
         del net.params
-        step_fn = make_train_step(net.apply, make_objective(objective_config(config)), opt,
-                                  ema_decay=config.ema.decay, target_decay=config.ema.target_decay)
+        step_fn = make_train_step(net.apply, make_objective(objective_config(config)), opt, train_step_config(config),
+                                  batch_sharding=shd.batch_sharding(mesh), param_shardings=state_sh.params)
         batch_sh = shd.batch_sharding(mesh)
         jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                          donate_argnums=(0,))

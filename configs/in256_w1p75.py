@@ -2,8 +2,9 @@ r"""ImageNet 256x256 with TVM: DiT-XL/2-18h, constant CFG w = 1.75 (the paper's 
 
 Reproduces the official ``im256_w1p75`` configuration of Terminal Velocity Matching
 (arXiv 2511.19797): as ``in256_w2`` (DiT-XL/2-18h, 32x32x4 sd-vae-ft-ema latents, gap* sampler,
-scaled parameterisation, AdamW 1e-4 / b2 0.95, batch 2048, bf16, EMA 0.9999, EMA target 0.99, no
-clipping) but with w = 1.75 and without time_specinit (embedder MLPs initialised N(0, 0.02)).
+scaled parameterisation, AdamW 1e-4 / b2 0.95, batch 2048 for 300k steps, bf16, EMA 0.9999, EMA
+target 0.99, no clipping, automatic micro-batches) but with w = 1.75 and without time_specinit
+(embedder MLPs initialised N(0, 0.02)).
 
 Expected result (paper): FID 1.99 at 4 NFE on ImageNet 256x256 (50k samples, w = 1.75).
 

@@ -4,8 +4,10 @@ Reproduces the official ``im256_w2`` configuration of Terminal Velocity Matching
 (Zhou, Parger, Haque, Song; arXiv 2511.19797): DiT-XL/2-18h on Stable-Diffusion VAE (sd-vae-ft-ema)
 latents of 32x32x4, gap* time sampler (s ~ LN(-0.4, 1), gap ~ LN(-0.8, 1)), constant w = 2 with the
 scaled parameterisation, 10% label dropout, time_specinit, AdamW (lr 1e-4, b1 0.9, b2 0.95,
-eps 1e-8, no weight decay, no schedule), global batch 2048, bf16 compute with fp32 parameters,
-evaluation EMA 0.9999, EMA target 0.99, no gradient clipping.
+eps 1e-8, no weight decay, no schedule), global batch 2048 for 300k steps (paper, Table 7), bf16
+compute with fp32 parameters, evaluation EMA 0.9999, EMA target 0.99, no gradient clipping. The
+batch is split into micro-batches that fit the GPUs (gradient accumulation,
+``train.microbatch_size``; by default the largest that fits, chosen before training).
 
 Expected result (paper): FID 3.29 at 1 NFE on ImageNet 256x256 (50k samples, w = 2).
 

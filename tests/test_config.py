@@ -32,6 +32,10 @@ def test_official_recipes(name, w, scaled, specinit, clip, shape, mean, std):
     assert (c.optimizer.lr, c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.weight_decay) == (
         1e-4, 0.9, 0.95, 1e-8, 0.0)
     assert c.train.global_batch_size == 2048 and c.model.dtype == "bfloat16"
+    assert c.train.num_steps == 300_000 and c.train.microbatch_size == 0 and c.train.init_from == ""
+    with open(os.path.join(ROOT, name + ".py")) as f:  # the docstring names the VAE all four recipes use
+        text = f.read()
+    assert "sd-vae-ft-ema" in text and "ft-mse" not in text
     assert (c.ema.decay, c.ema.target_decay) == (0.9999, 0.99)
     assert c.objective.label_dropout == 0.1
     o = objective_config(c)
@@ -72,6 +76,7 @@ def test_every_config_file_validates_and_has_a_docstring():
     ("mesh.fsdp", 0, "mesh.fsdp"),
     ("objective.cfg_mode", "random", "objective.cfg_mode"),
     ("model.attention_impl", "cuda", "model.attention_impl"),
+    ("train.microbatch_size", -4, "train.microbatch_size"),
 ])
 def test_bad_values_name_the_field(field, value, match):
     c = _load("in256_w2")

@@ -9,7 +9,8 @@ import pytest
 from tvm_jax.dit import DiTConfig
 from tvm_jax.networks import build_dit
 from tvm_jax.objectives import (
-    GuidanceConfig, ObjectiveConfig, fm_loss, make_objective, meanflow_loss, sample_guidance, tvm_loss, tvm_terms,
+    GuidanceConfig, ObjectiveConfig, fm_loss, make_objective, meanflow_loss, sample_guidance, stat_means, tvm_loss,
+    tvm_terms,
 )
 from tvm_jax.time_sampling import TimeSamplerConfig
 
@@ -41,7 +42,8 @@ def test_tvm_equals_fm_when_t_equals_s_everywhere(net):
     terms = tvm_terms(apply, student, target, x0, labels, key, cfg)
     assert bool(jnp.all(terms["equal"]))
     np.testing.assert_array_equal(terms["terminal"], 0.0)
-    loss_tvm, m_tvm = tvm_loss(apply, student, target, x0, labels, key, cfg)
+    loss_tvm, stats = tvm_loss(apply, student, target, x0, labels, key, cfg)
+    m_tvm = stat_means(stats)
     loss_fm, _ = fm_loss(apply, student, target, x0, labels, key, dataclasses.replace(cfg, name="fm"))
     np.testing.assert_allclose(loss_tvm, loss_fm, rtol=1e-6)
     assert float(m_tvm["terminal"]) == 0.0 and float(loss_tvm) > 0
@@ -85,7 +87,8 @@ def test_loss_is_the_mean_of_beta_weighted_squares(net):
     terminal = jnp.mean(((terms["df_ds"] - terms["u_f"]) * b) ** 2, axis=(1, 2, 3))
     terminal = jnp.where(terms["equal"], 0.0, terminal)
     fm = jnp.mean(((terms["F_ss"] - terms["target"]) * b) ** 2, axis=(1, 2, 3))
-    loss, metrics = tvm_loss(apply, student, target, x0, labels, jax.random.key(5), cfg)
+    loss, stats = tvm_loss(apply, student, target, x0, labels, jax.random.key(5), cfg)
+    metrics = stat_means(stats)
     np.testing.assert_allclose(loss, jnp.mean(terminal + fm), rtol=1e-6)
     np.testing.assert_allclose(metrics["terminal"] + metrics["fm"], loss, rtol=1e-6)
 
@@ -136,7 +139,7 @@ def test_meanflow_target_uses_the_jvp_along_v(net):
     apply, student, target, x0, labels = net
     cfg = _config(name="meanflow", times=TimeSamplerConfig(name="clamp", p_equal=1.0), meanflow_adaptive_p=0.0,
                   guidance=dict(w=1.0, label_dropout=0.0), scaled_param=False)
-    loss, metrics = meanflow_loss(apply, student, target, x0, labels, jax.random.key(9), cfg)
+    loss, _ = meanflow_loss(apply, student, target, x0, labels, jax.random.key(9), cfg)
     fm_cfg = _config(name="fm", times=TimeSamplerConfig(name="clamp", p_equal=1.0),
                      guidance=dict(w=1.0, label_dropout=0.0), scaled_param=False)
     # same draws: the FM term uses s' (not t) so compare against a direct computation instead
@@ -161,3 +164,40 @@ def test_bad_objective_values_name_the_field():
         make_objective(_config(times=TimeSamplerConfig(name="uniform")))
     with pytest.raises(ValueError, match="objective.label_dropout"):
         make_objective(_config(guidance=dict(label_dropout=1.5)))
+
+
+def test_per_quarter_statistics_partition_the_batch(net):
+    """Terminal losses are binned by t, FM losses by their own time s'; the bins add up to the batch."""
+    apply, student, target, x0, labels = net
+    cfg = _config()
+    key = jax.random.key(10)
+    terms = tvm_terms(apply, student, target, x0, labels, key, cfg)
+    _, stats = tvm_loss(apply, student, target, x0, labels, key, cfg)
+    edges = [0.0, 0.25, 0.5, 0.75, 1.0 + 1e-9]
+    for name, times in (("terminal", terms["t"]), ("fm", terms["s_fm"])):
+        bins = [k for k in stats if k.startswith(name + "_t")]
+        assert bins == [f"{name}_t0.00-0.25", f"{name}_t0.25-0.50", f"{name}_t0.50-0.75", f"{name}_t0.75-1.00"]
+        counts, _ = np.histogram(np.asarray(times), bins=edges)
+        np.testing.assert_array_equal([float(stats[b][1]) for b in bins], counts)
+        np.testing.assert_allclose(sum(float(stats[b][0]) for b in bins), float(stats[name][0]), rtol=1e-6)
+        for b, lo, hi in zip(bins, edges[:-1], edges[1:]):
+            inside = (np.asarray(times) >= lo) & (np.asarray(times) < hi)
+            np.testing.assert_allclose(float(stats[b][0]), np.asarray(terms[name])[inside].sum(), rtol=1e-6)
+    means = stat_means(stats)
+    for b in [k for k in stats if k.endswith("-0.25") or k.endswith("-1.00")]:
+        assert np.isfinite(float(means[b])) and float(means[b + "_count"]) == float(stats[b][1])
+
+
+def test_each_sample_draws_from_its_own_key(net):
+    """A sample's draws depend on its key only: the batch's second half with the keys
+    ``fold_in(key, 3..5)`` sees exactly what it sees inside the whole batch drawn from ``key``."""
+    from tvm_jax.randomness import example_keys
+
+    apply, student, target, x0, labels = net
+    cfg = _config(guidance=dict(mode="uniform_w", w_min=1.0, w_max=3.0, label_dropout=0.3))
+    key = jax.random.key(11)
+    whole = tvm_terms(apply, student, target, x0, labels, key, cfg)
+    half = tvm_terms(apply, student, target, x0[3:], labels[3:], example_keys(key, jnp.arange(3, 6)), cfg)
+    for name in ("t", "s", "s_fm", "eps", "labels", "beta"):
+        np.testing.assert_array_equal(np.asarray(whole[name])[3:], half[name], err_msg=name)
+    np.testing.assert_allclose(np.asarray(whole["terminal"])[3:], half["terminal"], rtol=1e-5, atol=1e-7)

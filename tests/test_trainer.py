@@ -264,9 +264,20 @@ def test_training_writes_tensorboard_samples_and_progress_log(gmm_runs):
         png = os.path.join(workdir, "samples", f"step00000006_{n}step.png")
         assert os.path.getsize(png) > 1000, png
         assert images.get(f"samples/{n}step") == [6]
+    # the terminal and FM losses per quarter of t (FM: of its own time s'), where a quarter had samples
+    for step in (2, 4, 6):
+        for name in ("terminal", "fm"):
+            bins = [tag for tag in scalars if tag.startswith(f"train/{name}_t")
+                    and step in [s for s, _ in scalars[tag]]]
+            assert bins and set(bins) <= {f"train/{name}_t{q}" for q in ("0.00-0.25", "0.25-0.50", "0.50-0.75",
+                                                                         "0.75-1.00")}, (step, bins)
+            assert all(np.isfinite(v) for tag in bins for s, v in scalars[tag] if s == step)
+    assert not any(tag.endswith("_count") for tag in scalars)
     progress = [line for line in log.splitlines() if line.startswith("step ")]
     assert len(progress) == 3, log
-    assert re.fullmatch(r"step 6/6  loss \S+  grad_norm \S+  skipped 0  \S+ img/s  ETA 0m00s", progress[-1]), progress
+    quarter = r"(\S+|-)/(\S+|-)/(\S+|-)/(\S+|-)"
+    assert re.fullmatch(r"step 6/6  loss \S+  grad_norm \S+  skipped 0  \S+ img/s  ETA 0m00s  "
+                        rf"terminal by t quarter {quarter}  fm by s' quarter {quarter}", progress[-1]), progress
     assert re.search(r"step 2/6 .* ETA \d+m\d\ds", progress[0]), progress
 
 
@@ -386,11 +397,17 @@ def _preflight_cases(latent_dir, tmp_path):
         "unknown model type": (_gmm(4, **{"model.type": "unet"}), r"model\.type: unknown model type 'unet'"),
         "unknown model size": (_digits(4, **{"model.size": "XXL/2"}), r"model\.size: unknown model size"),
         "unwritable workdir": (_gmm(4), r"--workdir .*a_file/run is not writable"),
+        "micro-batch size": (_gmm(4, **{"train.microbatch_size": 3}),
+                             r"train\.microbatch_size: 3 does not divide the per-device batch 4 "
+                             r"\(train\.global_batch_size 16 over 4 devices\)"),
+        "init_from not a model": (_digits(4, **{"train.init_from": str(tmp_path)}),
+                                  r"train\.init_from: .* is not an exported tvm-jax model"),
     }
 
 
 PREFLIGHT = ["no data path", "missing data path", "latent shape", "label count", "batch vs devices",
-             "unknown source", "unknown model type", "unknown model size", "unwritable workdir"]
+             "unknown source", "unknown model type", "unknown model size", "unwritable workdir", "micro-batch size",
+             "init_from not a model"]
 
 
 @pytest.mark.parametrize("case", PREFLIGHT)
@@ -630,3 +647,201 @@ def test_missing_vae_folder_is_a_preflight_error(latent_dir, tmp_path, no_compil
     c = _latent_config(latent_dir, **{"data.vae_path": str(tmp_path / "no_vae")})
     with pytest.raises(ValueError, match=r"data\.vae_path: .*no_vae.*config\.json"):
         trainer.train(c, str(tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+
+def test_resume_with_another_microbatch_size_continues_the_same_run(tmp_path):
+    """4 steps over the whole per-device batch (4 of the global 16 on each of 4 devices) equal 2
+    steps in micro-batches of 1, stopped, and 2 more in micro-batches of 2 (float rounding only:
+    the per-example randomness is keyed by the example's index in the global batch)."""
+    tight = {"optimizer.eps": 1e-3, "sample.steps": (1,)}  # see tests/test_accumulation.py for eps
+    full, log_full = _train(_gmm(4, **tight), tmp_path / "full")
+    _, log_first = _train(_gmm(2, **tight, **{"train.microbatch_size": 1}), tmp_path / "resumed")
+    resumed, log_resumed = _train(_gmm(4, **tight, **{"train.microbatch_size": 2}), tmp_path / "resumed")
+    assert "Micro-batch size 4 per device (the whole per-device batch" in log_full
+    assert "Micro-batch size 1 per device (train.microbatch_size)" in log_first
+    assert "Micro-batch size 2 per device (train.microbatch_size)" in log_resumed
+    assert "Training from step 2 to 4" in log_resumed
+    assert int(resumed.step) == int(full.step) == 4
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(full)[0], jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+# XLA's allocator error as jaxlib raises it when a step's buffers do not fit the device: the
+# class jax.errors.JaxRuntimeError (jaxlib's XlaRuntimeError before the rename) with a message
+# "RESOURCE_EXHAUSTED: Out of memory while trying to allocate N bytes." followed by XLA's
+# buffer-assignment report; the exact text is in the tracebacks quoted in jax-ml/jax#13428
+# (GPU, BFC allocator) and google-deepmind/jaxline#11.
+_OOM_DRIVER = """
+import dataclasses, sys
+import jax
+from absl import app
+from tvm_jax import generate, main, trainer
+
+MESSAGE = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1165282566144 bytes.\\n"
+           "BufferAssignment OOM Debugging.\\nBufferAssignment stats:\\n"
+           "             parameter allocation:    2.50GiB\\n"
+           "              constant allocation:         0B\\n"
+           "        maybe_live_out allocation:    2.50GiB\\n"
+           "     preallocated temp allocation:    1.06TiB\\n")
+
+def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(MESSAGE)
+
+real_compile = trainer.compile_train_step
+def compile_train_step(*args, **kwargs):  # the step compiles, its first execution runs out of memory
+    return dataclasses.replace(real_compile(*args, **kwargs), compiled=out_of_memory)
+
+trainer.compile_train_step = compile_train_step
+generate.sample = out_of_memory
+sys.argv = ["tvm_jax.main", *sys.argv[1:]]
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+def _main_with_oom(*args):
+    return subprocess.run([sys.executable, "-c", _OOM_DRIVER, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=_subprocess_env(jax.config.jax_compilation_cache_dir))
+
+
+def test_out_of_memory_is_one_line_and_exit_status_2(gmm_runs, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(gmm_runs["full"], workdir)  # a checkpoint at step 6
+    before = _snapshot(workdir / "checkpoints")
+    res = _main_with_oom("--config=configs/gmm.py", f"--workdir={workdir}", *_cli_flags(GMM_OVERRIDES),
+                         "--config.train.num_steps=8")
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert errors[0].startswith("error: out of memory on the device (RESOURCE_EXHAUSTED: Out of memory while trying "
+                                "to allocate 1165282566144 bytes.); lower train.microbatch_size"), errors
+    for setting in ("mesh.fsdp", "model.remat"):
+        assert setting in errors[0]
+    assert "Traceback" not in res.stderr and "BufferAssignment" not in res.stderr
+    assert _snapshot(workdir / "checkpoints") == before
+
+    res = _main_with_oom("--mode=sample", "--config=configs/gmm.py", f"--workdir={workdir}",
+                         *_cli_flags(GMM_OVERRIDES), "--num=8")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "error: out of memory on the device" in res.stderr and "--num" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert not os.path.exists(workdir / "sampled" / "samples_1step.npz")
+    assert _snapshot(workdir / "checkpoints") == before
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+@pytest.fixture(scope="module")
+def exported_models(digits_runs, tmp_path_factory):
+    """The digits run's EMA weights exported; a model of another width; a model full of NaN."""
+    from tvm_jax import model_io
+    from tvm_jax.config import dit_config
+    from tvm_jax.networks import build_network
+
+    root = tmp_path_factory.mktemp("exported")
+    config = _digits(4)
+    ema = digits_runs["state_full"].ema_params
+    model_io.save_model(str(root / "digits"), dit_config(config), ema)
+    wider = _digits(4, **{"model.hidden_size": 48})
+    model_io.save_model(str(root / "wider"), dit_config(wider), build_network(wider).params)
+    model_io.save_model(str(root / "nan"), dit_config(config), jax.tree.map(lambda p: np.full(p.shape, np.nan,
+                                                                                              np.float32), ema))
+    return dict(digits=str(root / "digits"), wider=str(root / "wider"), nan=str(root / "nan"), ema=ema)
+
+
+def test_init_from_an_exported_model_trains_from_its_weights(exported_models, tmp_path):
+    workdir = tmp_path / "run"
+    state, log = _train(_digits(0, **{"train.init_from": exported_models["digits"]}), workdir)
+    assert f"Initialised the parameters and both EMAs from {exported_models['digits']}" in log
+    for tree in (state.params, state.ema_params, state.target_params):
+        _assert_states_equal(tree, exported_models["ema"])
+    assert int(state.step) == 0 and all(np.all(np.asarray(m) == 0) for m in jax.tree.leaves(state.opt_state)
+                                        if np.ndim(m))  # a fresh optimiser
+
+    state, log = _train(_digits(2, **{"train.init_from": exported_models["digits"]}), workdir)
+    assert "Training from step 0 to 2" in log and int(state.step) == 2 and int(state.skipped) == 0
+    # an existing checkpoint wins over init_from (even a mismatching one), and the log says so
+    state, log = _train(_digits(3, **{"train.init_from": exported_models["wider"]}), workdir)
+    assert "Training from step 2 to 3" in log
+    assert re.search(r"Resuming from the checkpoint of step 2 in .*; train\.init_from=.*wider is ignored", log), log
+
+
+def test_init_from_a_model_of_another_shape_is_refused_before_compiling(exported_models, tmp_path, no_compilation):
+    with pytest.raises(ValueError, match=r"train\.init_from: .*wider has a different architecture: "
+                                         r"model\.hidden_size \(hidden_size\): exported 48, config 32"):
+        trainer.train(_digits(2, **{"train.init_from": exported_models["wider"]}), str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"train\.init_from: .*data\.shape \(in_channels\): exported 1, config 4"):
+        trainer.train(_digits(2, **{"train.init_from": exported_models["digits"], "data.source": "synthetic",
+                                    "data.shape": (8, 8, 4)}), str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"train\.init_from: exported models are DiTs, but model\.type is 'mlp'"):
+        trainer.train(_gmm(2, **{"train.init_from": exported_models["digits"]}), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_divergence_aborts_at_the_limit_step_with_exit_status_2(exported_models, tmp_path):
+    """NaN weights: every step is non-finite, so the third consecutive one is the limit's."""
+    workdir = tmp_path / "run"
+    config = _digits(10, **{"train.init_from": exported_models["nan"], "train.max_skipped_steps": 3,
+                            "train.checkpoint_every": 1})
+    with pytest.raises(trainer.TrainingAborted, match=r"3 consecutive steps up to step 3 had a non-finite loss"):
+        trainer.train(config, str(workdir))
+    # the steps before the limit were checkpointed (their updates discarded), the limit's was not
+    assert _checkpoint_steps(workdir) == [1, 2]
+
+    res = _main("--config=configs/digits.py", f"--workdir={tmp_path / 'cli'}", *_cli_flags(DIGITS_OVERRIDES),
+                "--config.train.num_steps=10", f"--config.train.init_from={exported_models['nan']}",
+                "--config.train.max_skipped_steps=3")
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: training diverged: 3 consecutive steps up to step 3 had a non-finite loss or gradient "
+                      "(limit train.max_skipped_steps = 3); their updates were discarded and the last good checkpoint "
+                      "is kept. Lower optimizer.lr or set optimizer.max_grad_norm, then resume."], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_a_run_whose_every_step_was_skipped_does_not_succeed(exported_models, tmp_path):
+    config = _digits(3, **{"train.init_from": exported_models["nan"], "train.max_skipped_steps": 100})
+    with pytest.raises(trainer.TrainingAborted, match=r"every step of this run \(steps 1 to 3\) had a non-finite"):
+        trainer.train(config, str(tmp_path / "run"))
+    assert _checkpoint_steps(tmp_path / "run") == []
+
+
+# ----------------------------------------------------------------------------- errors during training
+
+
+def test_an_error_mid_training_keeps_the_checkpoint_being_saved(tmp_path):
+    """A bad record read while the previous step's checkpoint is still being written (every step
+    is saved, asynchronously): the save completes, the cause is the one line the user sees, and no
+    library noise (asyncio's "Event loop is closed" from abandoned saves) follows it."""
+    data = _write_latents(tmp_path / "latents", n=40, shards=1)
+    # record 17 gets a label outside [0, 10): reading it (DecodeLatent) raises in a later batch
+    recs = [records.encode_record(np.full((8, 8, 4), i, np.float32), np.full((8, 8, 4), 0.25, np.float32),
+                                  99 if i == 17 else i % 10) for i in range(40)]
+    records.write_shard(os.path.join(data, "train-00000-of-00001.array_record"), recs)
+    workdir = tmp_path / "run"
+    overrides = {**DIGITS_OVERRIDES, "data.source": "latents", "data.path": data, "data.shape": (8, 8, 4),
+                 "data.raw_mean": (0.0,) * 4, "data.raw_std": (1.0,) * 4, "model.patch_size": 2,
+                 "train.num_steps": 20, "train.checkpoint_every": 1}
+    res = _main("--config=configs/digits.py", f"--workdir={workdir}", *_cli_flags(overrides))
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("I")]  # absl INFO lines
+    assert lines[-1] == "error: latent record with label 99 outside [0, 10)", res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr, res.stderr[-3000:]
+    steps = _checkpoint_steps(workdir)
+    assert steps, "the steps before the bad record were checkpointed"
+    leftovers = [n for n in os.listdir(workdir / "checkpoints") if not n.isdigit()]
+    assert leftovers == [], leftovers  # no save abandoned half-written
+    for step in steps:
+        assert os.path.exists(workdir / "checkpoints" / str(step) / "state" / "commit_success.txt")
+    # the latest checkpoint restores (the run is "already trained" to it)
+    _, log = _train(_latent_config(data, num_steps=steps[-1]), workdir)
+    assert f"Already trained to step {steps[-1]}" in log

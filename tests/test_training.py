@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tvm_jax import sharding as shd
-from tvm_jax.config import load_config_file, objective_config
+from tvm_jax.config import load_config_file, objective_config, train_step_config
+from tvm_jax.networks import build_network
 from tvm_jax.objectives import make_objective
-from tvm_jax.trainer import build_network
 from tvm_jax.training import init_train_state, make_optimizer, make_train_step
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -35,8 +35,7 @@ def _dit_config():
 def _setup(config, mesh=None):
     net = build_network(config, mesh)
     opt = make_optimizer(config)
-    step = make_train_step(net.apply, make_objective(objective_config(config)), opt,
-                           ema_decay=config.ema.decay, target_decay=config.ema.target_decay)
+    step = make_train_step(net.apply, make_objective(objective_config(config)), opt, train_step_config(config))
     return net, opt, step
 
 

@@ -63,6 +63,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, config, async_save: bool = True, create: bool = True):
         self.directory = checkpoint_directory(workdir, must_exist=not create)
         self.config = config
+        self._closed = False
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
@@ -109,6 +110,10 @@ class Checkpointer:
         return restored["state"], step
 
     def close(self) -> None:
+        """Waits for a save in flight, then closes (a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
 

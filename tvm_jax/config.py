@@ -13,6 +13,7 @@ from ml_collections import config_dict
 from tvm_jax.dit import MODEL_SIZES, DiTConfig
 from tvm_jax.objectives import GuidanceConfig, ObjectiveConfig
 from tvm_jax.time_sampling import TimeSamplerConfig
+from tvm_jax.training import TrainStepConfig
 
 # Official latent normalisation statistics (Stable Diffusion VAE), DESIGN section 5.
 RAW_MEAN_256 = (0.86488, -0.27787343, 0.21616915, 0.3738409)
@@ -100,12 +101,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.global_batch_size = 2048
-    t.num_steps = 1_000_000
+    # examples per device per micro-step (gradient accumulation); 0: the largest that fits the
+    # device's memory (the whole per-device batch on the CPU); see tvm_jax.microbatching
+    t.microbatch_size = 0
+    t.num_steps = 300_000  # paper, Table 7
     t.log_every = 100
     t.checkpoint_every = 5000
     t.keep_checkpoints = 3
     t.sample_every = 10_000
     t.max_skipped_steps = 100  # abort after this many consecutive non-finite steps
+    t.init_from = ""  # an exported model directory (tvm_jax.convert / --mode=export) to fine-tune from
 
     c.sample = s = ml_collections.ConfigDict()
     s.steps = (1, 2, 4)
@@ -168,6 +173,13 @@ def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
     )
 
 
+def train_step_config(config: ml_collections.ConfigDict) -> TrainStepConfig:
+    """The :class:`TrainStepConfig` of a validated experiment config (``microbatch_size`` 0 is
+    still "auto" here: :func:`tvm_jax.microbatching.compile_train_step` resolves it)."""
+    return TrainStepConfig(ema_decay=config.ema.decay, target_decay=config.ema.target_decay,
+                           microbatch_size=config.train.microbatch_size)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ``ValueError`` naming the first bad field. Cheap: builds nothing on a device."""
     m, d, t, s, opt, e = config.model, config.data, config.train, config.sample, config.optimizer, config.ema
@@ -197,6 +209,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _need(isinstance(t.global_batch_size, int) and t.global_batch_size > 0, "train.global_batch_size",
           f"must be a positive integer, got {t.global_batch_size!r}")
     _need(t.num_steps >= 0, "train.num_steps", f"must be >= 0, got {t.num_steps}")
+    _need(isinstance(t.microbatch_size, int) and t.microbatch_size >= 0, "train.microbatch_size",
+          f"must be a non-negative integer (0: automatic), got {t.microbatch_size!r}")
+    _need(isinstance(t.init_from, str), "train.init_from", f"must be a directory path, got {t.init_from!r}")
     for name in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "max_skipped_steps"):
         _need(t.get(name) > 0, f"train.{name}", f"must be positive, got {t.get(name)}")
     _need(opt.lr > 0, "optimizer.lr", f"must be positive, got {opt.lr}")

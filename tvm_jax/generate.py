@@ -22,7 +22,7 @@ from absl import logging
 from tvm_jax import images as image_utils
 from tvm_jax import model_io
 from tvm_jax.checkpointing import Checkpointer, abstract_like, checkpoint_directory
-from tvm_jax.networks import network_fn, split_model
+from tvm_jax.networks import build_network, network_fn, split_model
 from tvm_jax.sampling import make_sampler
 
 
@@ -93,12 +93,11 @@ def load_for_sampling(config, *, checkpoint: str | None, workdir: str | None, we
     if not workdir or config is None:
         raise ValueError("sampling needs --checkpoint=DIR (an exported model) or --workdir with the run's --config")
     checkpoint_directory(workdir, must_exist=True)  # before anything is built; never creates it
-    from tvm_jax import trainer
     from tvm_jax.training import init_train_state, make_optimizer
 
     if attention_impl:
         config.model.attention_impl = attention_impl
-    net = trainer.build_network(config)
+    net = build_network(config)
     optimizer = make_optimizer(config)
     abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, config.seed), net.params)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, config=config, async_save=False,

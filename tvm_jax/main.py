@@ -12,9 +12,12 @@ Any config field can be overridden as ``--config.a.b=value``.
 Exit status: 0 on success; 2 for bad input: a flag, a config file (missing, a syntax error, no
 ``get_config``, an error inside it), a configuration, data, workdir or checkpoint problem (one line
 ``error: ...`` on stderr says which; what can be checked up front is checked before anything is
-compiled); 128 + the signal number (143 for SIGTERM, 130 for SIGINT) when training was stopped by a
-signal, after saving a checkpoint of the step reached (rerun the same command to resume). Ctrl-C
-outside training (start-up, sampling, evaluation) stops at once with one line and status 130.
+compiled), a device out of memory (the line names the settings to change) and a training run
+that diverged (``train.max_skipped_steps``); 128 + the signal number (143 for SIGTERM, 130 for
+SIGINT) when training was stopped by a signal, after saving a checkpoint of the step reached
+(rerun the same command to resume). Ctrl-C outside training (start-up, sampling, evaluation)
+stops at once with one line and status 130. Any other error prints its one-line cause first,
+then the traceback.
 
 Multi-host jobs (SLURM, or ``--coordinator_address``/``--num_processes``/``--process_id``)
 initialise ``jax.distributed`` before anything touches a device; see ``launch/``.
@@ -97,6 +100,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     from tvm_jax import sharding
     from tvm_jax.checkpointing import CheckpointError
+    from tvm_jax.microbatching import is_out_of_memory
+    from tvm_jax.trainer import TrainingAborted
 
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
@@ -123,10 +128,26 @@ def main(argv):
             print(json.dumps(results, indent=2))
         elif mode == "export":
             _export(config)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
-        logging.error("%s", e)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, TrainingAborted) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if is_out_of_memory(e):
+            print(f"error: out of memory on the device ({str(e).strip().splitlines()[0]}); {_OOM_ADVICE[mode]}",
+                  file=sys.stderr)
+            sys.exit(2)
+        print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+              file=sys.stderr)  # the cause first; the traceback follows
+        raise
+
+
+_OOM_ADVICE = {
+    "train": "lower train.microbatch_size (0 picks the largest that fits), shard the parameters with mesh.fsdp, or "
+             "rematerialise activations with model.remat ('dots' or 'block'); the checkpoints were left as they were",
+    "sample": "sample fewer images at once (--num)",
+    "evaluate": "lower eval.batch_size",
+    "export": "export on a device with more memory",
+}
 
 
 def _sample(config) -> None:

@@ -7,16 +7,21 @@ position table); :func:`network_fn` rebuilds the model inside the function from 
 last, with the parameters passed explicitly.
 
 Also here: :class:`FlowMLP`, a small residual MLP with the same ``F(x, t, gap, label, beta)``
-signature for low-dimensional data (the Gaussian-mixture benchmarks).
+signature for low-dimensional data (the Gaussian-mixture benchmarks), and :func:`build_network`,
+which initialises the network an experiment config describes (DiT or MLP), optionally sharded.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tvm_jax import sharding as shd
+from tvm_jax.config import dit_config
+from tvm_jax.data import pipeline
 from tvm_jax.dit import DiT, DiTConfig, frequency_features
 
 
@@ -93,3 +98,63 @@ class FlowMLP(nnx.Module):
             y = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)
             h = h + fc2(nnx.silu(fc1(y * (1 + scale) + shift)))
         return self.out(h)
+
+
+# ----------------------------------------------------------------------------- experiment networks
+
+
+@dataclasses.dataclass
+class Network:
+    """A built network: its pure function, initial parameters and the facts samplers need."""
+
+    apply: Callable
+    graphdef: Any
+    params: Any
+    buffers: Any
+    null_label: int
+    sample_shape: tuple[int, ...]
+
+
+def make_module(config) -> Callable[[nnx.Rngs], nnx.Module]:
+    if config.model.type == "dit":
+        cfg = dit_config(config)
+        return lambda rngs: DiT(cfg, rngs=rngs)
+    shape = tuple(config.data.shape)
+    return lambda rngs: FlowMLP(shape[0], config.data.num_classes, width=config.model.mlp_width,
+                                depth=config.model.mlp_depth, rngs=rngs)
+
+
+def abstract_params(config) -> dict:
+    """The configured network's parameters as ``ShapeDtypeStruct``s (nothing is initialised)."""
+    make = make_module(config)
+    return split_model(nnx.eval_shape(lambda: make(nnx.Rngs(0))))[1]
+
+
+def build_network(config, mesh=None, seed: int | None = None) -> Network:
+    """Initialises the configured network (inside jit; sharded over ``mesh`` when given)."""
+    make = make_module(config)
+    seed = config.seed if seed is None else seed
+    graphdef, params_shape, buffers_shape = split_model(nnx.eval_shape(lambda: make(nnx.Rngs(seed))))
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = (shd.state_shardings(params_shape, mesh), shd.state_shardings(buffers_shape, mesh))
+
+    def init():
+        _, params, buffers = split_model(make(nnx.Rngs(seed)))
+        return params, buffers
+
+    if out_shardings is not None and jax.default_backend() == "cpu" and mesh.devices.size > 1:
+        # XLA:CPU can deadlock when several virtual devices run the batched SVD of the spectral
+        # init at once (LAPACK's batch map waits on the thread pool the devices occupy), so on
+        # CPU meshes initialise on one device of this process and place the result into its
+        # shardings. (Under ``jax.set_mesh`` a bare jit would still run on every device of the
+        # ambient mesh.) Every process computes the same values from the seed and fills its own
+        # shards: a device_put from one device would be a cross-process transfer, which XLA:CPU
+        # does not have.
+        with jax.set_mesh(shd.make_mesh(1, jax.local_devices()[:1])):
+            host = jax.device_get(jax.jit(init)())
+        params, buffers = jax.tree.map(shd.from_host, host, out_shardings)
+    else:
+        params, buffers = jax.jit(init, out_shardings=out_shardings)()
+    shape = pipeline.dataset_info(config).shape
+    return Network(network_fn(graphdef, buffers), graphdef, params, buffers, config.data.num_classes, shape)

@@ -1,11 +1,22 @@
 """Training objectives as pure functions: TVM, Flow Matching and MeanFlow.
 
 Every objective has the signature ``loss_fn(apply, params, target_params, x0, labels, key)``
-(bound to its config with :func:`make_objective`) and returns ``(loss, metrics)``: the batch
-mean of the per-sample losses and a dict of scalar metrics. ``apply`` is any network function
+(bound to its config with :func:`make_objective`) and returns ``(loss, stats)``: the batch mean
+of the per-sample losses and a dict of additive statistics, each a ``[sum, count]`` pair
+(:func:`stat`), so the statistics of several micro-batches add up to those of the whole batch
+(:func:`stat_means` turns them into means). ``apply`` is any network function
 ``F(params, x, t, gap, label, beta, jvp=False)`` (see :mod:`tvm_jax.flow_map`); ``target_params``
 are the EMA-target ("proxy") weights, always used under ``stop_gradient``; the caller decides
-where they come from (pass ``params`` itself for "no EMA target").
+where they come from (pass ``params`` itself for "no EMA target"). ``key`` is one key (sample
+``i`` draws from ``fold_in(key, i)``) or a ``(B,)`` array of per-sample keys (the training step
+passes keys of the samples' indices in the global batch, :mod:`tvm_jax.randomness`): every
+sample's times, noise, label dropout and guidance come from its own key alone.
+
+Besides the whole-batch means, TVM and FM report their terms per quarter of time (bins
+``[0, .25), [.25, .5), [.5, .75), [.75, 1]``, named e.g. ``terminal_t0.25-0.50``): the terminal
+term is binned by its start time ``t``, the FM term by its own time ``s'`` (the time at which
+it is evaluated; binning it by ``t`` would mix unrelated times, as ``s'`` is drawn
+independently).
 
 TVM, per sample (DESIGN section 3), with ``w = 1 / beta`` and ``k = w`` (scaled) or 1:
 
@@ -37,10 +48,13 @@ import jax
 import jax.numpy as jnp
 
 from tvm_jax.flow_map import NetworkFn, output_scale, per_sample, terminal_velocity
+from tvm_jax.randomness import per_example_keys
 from tvm_jax.time_sampling import TimeSamplerConfig, Times, sample_times
 
 GUIDANCE_MODES = ("constant", "uniform_w", "uniform_beta")
 OBJECTIVES = ("tvm", "fm", "meanflow")
+TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+BIN_SUFFIXES = tuple(f"_t{lo:.2f}-{hi:.2f}" for lo, hi in zip(TIME_BINS[:-1], TIME_BINS[1:]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,21 +111,50 @@ class ObjectiveConfig:
 
 
 def sample_guidance(key: jax.Array, labels: jax.Array, config: GuidanceConfig) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(labels, beta)`` after label dropout; dropped samples get the null label, beta 1."""
-    k_w, k_drop = jax.random.split(key)
-    b = labels.shape[0]
-    if config.mode == "constant":
-        beta = jnp.full((b,), 1.0 / config.w, jnp.float32)
-    elif config.mode == "uniform_w":
-        beta = 1.0 / jax.random.uniform(k_w, (b,), jnp.float32, config.w_min, config.w_max)
-    else:
-        # U(0, 1) without the endpoint 0 (w = inf).
-        beta = 1.0 - jax.random.uniform(k_w, (b,), jnp.float32)
-    if config.label_dropout > 0:
-        drop = jax.random.uniform(k_drop, (b,)) < config.label_dropout
-        labels = jnp.where(drop, config.null_label, labels)
-        beta = jnp.where(drop, 1.0, beta)
-    return labels.astype(jnp.int32), beta
+    """Returns ``(labels, beta)`` after label dropout; dropped samples get the null label, beta 1.
+    ``key``: one key or per-sample keys (each sample draws from its own)."""
+
+    def one(k, label):
+        k_w, k_drop = jax.random.split(k)
+        if config.mode == "constant":
+            beta = jnp.float32(1.0 / config.w)
+        elif config.mode == "uniform_w":
+            beta = 1.0 / jax.random.uniform(k_w, (), jnp.float32, config.w_min, config.w_max)
+        else:
+            # U(0, 1) without the endpoint 0 (w = inf).
+            beta = 1.0 - jax.random.uniform(k_w, (), jnp.float32)
+        if config.label_dropout > 0:
+            drop = jax.random.uniform(k_drop, ()) < config.label_dropout
+            label = jnp.where(drop, config.null_label, label)
+            beta = jnp.where(drop, 1.0, beta)
+        return label.astype(jnp.int32), beta
+
+    return jax.vmap(one)(per_example_keys(key, labels.shape[0]), labels)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def stat(values: jax.Array, where: jax.Array | None = None) -> jax.Array:
+    """``[sum, count]`` (float32) of the per-sample ``values``, over the samples where ``where``."""
+    values = values.astype(jnp.float32)
+    if where is None:
+        return jnp.stack([jnp.sum(values), jnp.float32(values.size)])
+    return jnp.stack([jnp.sum(jnp.where(where, values, 0.0)), jnp.sum(where.astype(jnp.float32))])
+
+
+def binned_stats(name: str, values: jax.Array, times: jax.Array) -> dict[str, jax.Array]:
+    """``{name + suffix: stat}`` of ``values`` per quarter of ``times`` (:data:`BIN_SUFFIXES`)."""
+    index = jnp.clip(jnp.floor(times * (len(TIME_BINS) - 1)).astype(jnp.int32), 0, len(TIME_BINS) - 2)
+    return {name + suffix: stat(values, index == i) for i, suffix in enumerate(BIN_SUFFIXES)}
+
+
+def stat_means(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """``sum / count`` of every statistic (0 for an empty one), and ``NAME_count`` for the
+    per-time-bin statistics (whose count varies, so a reader can leave empty bins out)."""
+    out = {k: v[0] / jnp.maximum(v[1], 1.0) for k, v in stats.items()}
+    out.update({k + "_count": v[1] for k, v in stats.items() if k.endswith(BIN_SUFFIXES)})
+    return out
 
 
 def _sample_mean(a: jax.Array) -> jax.Array:
@@ -128,11 +171,23 @@ class _Draw:
 
 
 def _draw(key, x0, labels, config: ObjectiveConfig) -> _Draw:
-    k_time, k_noise, k_guid = jax.random.split(key, 3)
-    times = sample_times(k_time, x0.shape[0], config.times)
-    eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    labels, beta = sample_guidance(k_guid, labels, config.guidance)
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(per_example_keys(key, x0.shape[0]))
+    times = sample_times(keys[:, 0], x0.shape[0], config.times)
+    eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(keys[:, 1])
+    labels, beta = sample_guidance(keys[:, 2], labels, config.guidance)
     return _Draw(times, eps, labels, beta)
+
+
+def _pair(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``(B, ...)`` twice -> ``(2B, ...)`` with rows ``2i, 2i + 1 = a[i], b[i]``: one batched call
+    for both, and (unlike a concatenation) every row stays on the device that holds sample ``i``
+    when the batch is sharded."""
+    return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
+
+def _unpair(ab: jax.Array) -> tuple[jax.Array, jax.Array]:
+    ab = ab.reshape(ab.shape[0] // 2, 2, *ab.shape[1:])
+    return ab[:, 0], ab[:, 1]
 
 
 def _interpolate(x0, eps, t):
@@ -156,13 +211,13 @@ def tvm_terms(apply: NetworkFn, params, target_params, x0, labels, key, config: 
     null = jnp.full_like(labels, config.guidance.null_label)
     teacher = apply(
         target_params,
-        jnp.concatenate([jax.lax.stop_gradient(f), x_fm]),
-        jnp.concatenate([s, s_fm]),
+        _pair(jax.lax.stop_gradient(f), x_fm),
+        _pair(s, s_fm),
         jnp.zeros((2 * x0.shape[0],), jnp.float32),
-        jnp.concatenate([labels, null]),
-        jnp.concatenate([beta, jnp.ones_like(beta)]),
+        _pair(labels, null),
+        _pair(beta, jnp.ones_like(beta)),
     )
-    u_f, u_uncond = jnp.split(jax.lax.stop_gradient(teacher), 2)
+    u_f, u_uncond = _unpair(jax.lax.stop_gradient(teacher))
     if config.scaled_param:
         u_f = per_sample(w, u_f) * u_f
 
@@ -190,14 +245,16 @@ def _fm_term(apply, params, x0, d: _Draw, x_fm, u_uncond, config: ObjectiveConfi
 def tvm_loss(apply: NetworkFn, params, target_params, x0, labels, key, config: ObjectiveConfig):
     terms = tvm_terms(apply, params, target_params, x0, labels, key, config)
     per_sample_loss = terms["terminal"] + terms["fm"]
-    metrics = {
-        "loss": jnp.mean(per_sample_loss),
-        "terminal": jnp.mean(terms["terminal"]),
-        "fm": jnp.mean(terms["fm"]),
-        "frac_t_eq_s": jnp.mean(terms["equal"].astype(jnp.float32)),
-        "mean_gap": jnp.mean(terms["t"] - terms["s"]),
+    stats = {
+        "loss": stat(per_sample_loss),
+        "terminal": stat(terms["terminal"]),
+        "fm": stat(terms["fm"]),
+        "frac_t_eq_s": stat(terms["equal"]),
+        "mean_gap": stat(terms["t"] - terms["s"]),
+        **binned_stats("terminal", terms["terminal"], terms["t"]),
+        **binned_stats("fm", terms["fm"], terms["s_fm"]),
     }
-    return metrics["loss"], metrics
+    return jnp.mean(per_sample_loss), stats
 
 
 def fm_loss(apply: NetworkFn, params, target_params, x0, labels, key, config: ObjectiveConfig):
@@ -213,8 +270,7 @@ def fm_loss(apply: NetworkFn, params, target_params, x0, labels, key, config: Ob
         u_uncond = jax.lax.stop_gradient(apply(target_params, x_fm, d.times.s_fm, jnp.zeros_like(d.times.s_fm),
                                                null, jnp.ones_like(d.beta)))
     fm = _fm_term(apply, params, x0, d, x_fm, u_uncond, config)["fm"]
-    metrics = {"loss": jnp.mean(fm), "fm": jnp.mean(fm)}
-    return metrics["loss"], metrics
+    return jnp.mean(fm), {"loss": stat(fm), "fm": stat(fm), **binned_stats("fm", fm, d.times.s_fm)}
 
 
 def meanflow_loss(apply: NetworkFn, params, target_params, x0, labels, key, config: ObjectiveConfig):
@@ -243,14 +299,13 @@ def meanflow_loss(apply: NetworkFn, params, target_params, x0, labels, key, conf
         per_sample_loss = weight * err
     else:
         per_sample_loss = err
-    metrics = {"loss": jnp.mean(per_sample_loss), "mse": jnp.mean(err)}
-    return metrics["loss"], metrics
+    return jnp.mean(per_sample_loss), {"loss": stat(per_sample_loss), "mse": stat(err)}
 
 
 _LOSSES: dict[str, Callable] = {"tvm": tvm_loss, "fm": fm_loss, "meanflow": meanflow_loss}
 
 
 def make_objective(config: ObjectiveConfig) -> Callable[..., tuple[jax.Array, dict[str, Any]]]:
-    """``loss_fn(apply, params, target_params, x0, labels, key) -> (loss, metrics)``."""
+    """``loss_fn(apply, params, target_params, x0, labels, key) -> (loss, stats)``."""
     config.validate()
     return functools.partial(_LOSSES[config.name], config=config)

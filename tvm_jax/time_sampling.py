@@ -15,6 +15,9 @@ Samplers (``name`` in :class:`TimeSamplerConfig`):
 
 For every sampler ``s' ~ logit-normal(s_mean, s_std)`` independently (the flow-matching term's
 time), and with probability ``p_equal`` a sample gets ``t = s`` (its terminal term is zero).
+
+Each sample draws from its own key (:mod:`tvm_jax.randomness`): :func:`sample_times` takes one
+key (sample ``i`` uses ``fold_in(key, i)``) or a batch of per-sample keys.
 The paper's names for the last two are "trunc" and "clamp"; DESIGN.md does not define them, so
 the definitions above are ours.
 """
@@ -26,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr, ndtri
+
+from tvm_jax.randomness import per_example_keys
 
 SAMPLERS = ("gap*", "trunc", "clamp")
 
@@ -80,9 +85,17 @@ def logit_normal(key, shape, mean: float, std: float) -> jax.Array:
 
 
 def sample_times(key: jax.Array, batch: int, config: TimeSamplerConfig) -> Times:
-    """Draws ``(t, s, s')`` for ``batch`` samples; always ``0 <= s <= t <= 1``."""
+    """Draws ``(t, s, s')`` for ``batch`` samples; always ``0 <= s <= t <= 1``. ``key``: one key
+    or ``(batch,)`` per-sample keys (see :func:`tvm_jax.randomness.per_example_keys`)."""
+    if config.name not in SAMPLERS:
+        raise ValueError(f"unknown time sampler {config.name!r}; choose one of {SAMPLERS}")
+    return jax.vmap(lambda k: _sample_one(k, config))(per_example_keys(key, batch))
+
+
+def _sample_one(key: jax.Array, config: TimeSamplerConfig) -> Times:
+    """``(t, s, s')`` of one sample (scalars) from its own key."""
     k_gap, k_s, k_t, k_fm, k_eq = jax.random.split(key, 5)
-    shape = (batch,)
+    shape = ()
     if config.name == "gap*":
         gap = logit_normal(k_gap, shape, config.gap_mean, config.gap_std)
         s = truncated_logit_normal(k_s, 1.0 - gap, config.s_mean, config.s_std)
@@ -90,12 +103,10 @@ def sample_times(key: jax.Array, batch: int, config: TimeSamplerConfig) -> Times
     elif config.name == "trunc":
         t = logit_normal(k_t, shape, config.s_mean, config.s_std)
         s = truncated_logit_normal(k_s, t, config.s_mean, config.s_std)
-    elif config.name == "clamp":
+    else:  # "clamp"
         a = logit_normal(k_t, shape, config.s_mean, config.s_std)
         b = logit_normal(k_s, shape, config.s_mean, config.s_std)
         t, s = jnp.maximum(a, b), jnp.minimum(a, b)
-    else:
-        raise ValueError(f"unknown time sampler {config.name!r}; choose one of {SAMPLERS}")
     if config.p_equal > 0:
         t = jnp.where(jax.random.uniform(k_eq, shape) < config.p_equal, s, t)
     s_fm = logit_normal(k_fm, shape, config.s_mean, config.s_std)
