@@ -48,6 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tvm_jax import profiling  # noqa: E402
 from tvm_jax import sharding as shd  # noqa: E402
 from tvm_jax.config import load_config_file, objective_config, train_step_config, validate_config  # noqa: E402
 from tvm_jax.objectives import make_objective  # noqa: E402
@@ -152,7 +153,7 @@ def peak_in_use_mb() -> float | None:
     return stats.get("peak_bytes_in_use", 0) / 2**20 if stats else None
 
 
-def bench_variant(config, steps: int, peak_tflops: float) -> dict:
+def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False) -> dict:
     mesh = shd.make_mesh(config.mesh.fsdp)
     with jax.set_mesh(mesh):
         net = build_network(config, mesh)
@@ -186,6 +187,16 @@ def bench_variant(config, steps: int, peak_tflops: float) -> dict:
             times.append((time.perf_counter() - t) * 1e3)
         m = jax.device_get(metrics)
         ms = statistics.median(times)
+        prof = None
+        if profile:  # two more steps under the profiler: device time per op family (tvm_jax.profiling)
+            held = {"state": state}
+
+            def one_step():
+                held["state"], step_metrics = compiled(held["state"], batches[0])
+                return step_metrics
+
+            prof = profiling.profile(one_step, calls=2, hlo_text=compiled.as_text())
+            state = held["state"]
         xla_flops = flops_of(compiled)
         flops = model_flops_per_step(config)
         n_dev = mesh.devices.size
@@ -197,8 +208,11 @@ def bench_variant(config, steps: int, peak_tflops: float) -> dict:
             "pallas_calls_in_step": has_kernel_calls(compiled),
             "mfu_vs_measured_peak": (flops / (ms / 1e3) / (peak_tflops * 1e12) / n_dev) if flops else None,
             "loss": float(m["loss"]), "skipped_total": int(m["skipped_total"]),
-            "attention_impl": config.model.attention_impl, "fsdp": config.mesh.fsdp,
+            "attention_impl": config.model.attention_impl, "fsdp": config.mesh.fsdp, "remat": config.model.remat,
         }
+        if prof is not None:
+            out["profile"] = {"ms_per_step_by_family": prof["summary"], "top_ops": prof["rows"][:60],
+                              "device_ms_per_step": sum(v["ms_per_call"] for v in prof["summary"].values())}
         del state, batches, compiled, lowered
     gc.collect()
     return out
@@ -236,8 +250,10 @@ def main(argv=None):
     p.add_argument("--batch_per_device", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak_tflops", type=float, default=790.0)
+    p.add_argument("--profile", action="store_true", help="also trace 2 steps per variant and group the device "
+                   "time by op family (tvm_jax.profiling)")
     p.add_argument("--sampling", action="store_true")
-    p.add_argument("--sampling_batch", type=int, default=256)
+    p.add_argument("--sampling_batch", default="256", help="comma list of sampling batch sizes")
     p.add_argument("--set", action="append", default=[], help="config override a.b=value (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -256,7 +272,7 @@ def main(argv=None):
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         try:
             cfg = variant_config(args.config, variant, args.batch_per_device, args.set)
-            report["variants"][variant] = bench_variant(cfg, args.steps, args.peak_tflops)
+            report["variants"][variant] = bench_variant(cfg, args.steps, args.peak_tflops, args.profile)
         except Exception as e:  # noqa: BLE001  (one failing variant must not lose the others)
             report["variants"][variant] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             traceback.print_exc()
@@ -266,12 +282,15 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=2)
     if args.sampling:
-        try:
-            cfg = variant_config(args.config, "default", args.batch_per_device, args.set)
-            report["sampling"] = bench_sampling(cfg, args.sampling_batch)
-        except Exception as e:  # noqa: BLE001
-            report["sampling"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            traceback.print_exc()
+        cfg = variant_config(args.config, "default", args.batch_per_device, args.set)
+        report["sampling"] = {}
+        for batch in [int(b) for b in args.sampling_batch.split(",")]:
+            try:  # a batch that does not fit must not lose the others
+                for name, r in bench_sampling(cfg, batch).items():
+                    report["sampling"][name if batch == 256 else f"{name}_batch{batch}"] = r
+            except Exception as e:  # noqa: BLE001
+                report["sampling"][f"batch{batch}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                traceback.print_exc()
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -145,19 +145,23 @@ def make_train_step(apply, loss_fn: Callable, optimizer: optax.GradientTransform
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = optax.incremental_update(params, state.ema_params, 1.0 - config.ema_decay)
-        target = optax.incremental_update(params, state.target_params, 1.0 - config.target_decay)
-
+        # Named scopes label the update's ops in profiles (tvm_jax.profiling groups by them).
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            new_params, new_opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        with jax.named_scope("ema"):
+            ema = optax.incremental_update(params, state.ema_params, 1.0 - config.ema_decay)
+            target = optax.incremental_update(params, state.target_params, 1.0 - config.target_decay)
+            new_ema, new_target = keep(ema, state.ema_params), keep(target, state.target_params)
         skipped = jnp.logical_not(finite).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            ema_params=keep(ema, state.ema_params),
-            target_params=keep(target, state.target_params),
+            params=new_params,
+            opt_state=new_opt_state,
+            ema_params=new_ema,
+            target_params=new_target,
             skipped=state.skipped + skipped,
             consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1),
         )
