@@ -4,7 +4,7 @@
 # and writes its JSON under $OUT as soon as it ends, so one slow job cannot lose the others.
 # Usage (after the wheel install line of ../shared/gpu/wheels.sh):
 #   bash bench/gpu_recipe_session.sh a     # 256px: headline 1 GPU | step+profile 256 & 512, sampling; then 2 GPUs DP, FSDP
-#   bash bench/gpu_recipe_session.sh b     # 512px headline 1 GPU | 512 remat dots, sampling batch 1024; then 1 process per GPU
+#   bash bench/gpu_recipe_session.sh b     # 2 GPUs DP, FSDP; then 512px headline 1 GPU | sampling 256px
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -21,24 +21,25 @@ case "${1:-}" in
      CUDA_VISIBLE_DEVICES=1 timeout 130 python3 bench/train_step.py --config configs/in512.py --batch_per_device 16 \
         --variants default --profile --sampling --out "$OUT/train_step_in512.json" > "/tmp/log_step512.txt" 2>&1) &
     wait
-    tail -5 "/tmp/log_recipe1.txt" "/tmp/log_step256.txt" "/tmp/log_step512.txt"
+    tail -n 5 "/tmp/log_recipe1.txt" "/tmp/log_step256.txt" "/tmp/log_step512.txt"
     log "phase 2: 2 GPUs data parallel, then FSDP 2"
     timeout 150 python3 bench/recipe_run.py --config configs/in256.py --steps 4 --timeout 145 \
         --out "$OUT/recipe_in256_2gpu.json" 2>&1 | tail -2
     timeout 150 python3 bench/recipe_run.py --config configs/in256.py --steps 4 --timeout 145 --set mesh.fsdp=2 \
         --out "$OUT/recipe_in256_2gpu_fsdp2.json" 2>&1 | tail -2 ;;
   b)
-    log "phase 1: GPU0 headline 512 | GPU1 512 remat dots, sampling batch 1024"
-    (CUDA_VISIBLE_DEVICES=0 timeout 330 python3 bench/recipe_run.py --config configs/in512.py --steps 2 \
-        --timeout 320 --out "$OUT/recipe_in512_1gpu.json" > "/tmp/log_recipe512.txt" 2>&1) &
-    (CUDA_VISIBLE_DEVICES=1 timeout 200 python3 bench/train_step.py --config configs/in512.py --batch_per_device 16 \
-        --variants remat_dots --sampling --sampling_batch 1024 --out "$OUT/train_step_in512_dots.json" \
-        > "/tmp/log_step512dots.txt" 2>&1) &
+    log "2 GPUs: headline 256 data parallel, then FSDP 2"
+    timeout 165 python3 bench/recipe_run.py --config configs/in256.py --steps 3 --timeout 160 \
+        --out "$OUT/recipe_in256_2gpu.json" 2>&1 | tail -n 2
+    timeout 170 python3 bench/recipe_run.py --config configs/in256.py --steps 3 --timeout 165 --set mesh.fsdp=2 \
+        --out "$OUT/recipe_in256_2gpu_fsdp2.json" 2>&1 | tail -n 2
+    log "GPU0 headline 512 | GPU1 sampling 256px, batch 256 and 1024"
+    (CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/train_step.py --variants "" --sampling --sampling_batch 256,1024 \
+        --out "$OUT/sampling_in256.json" > /tmp/log_sampling.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 235 python3 bench/recipe_run.py --config configs/in512.py --steps 2 --timeout 230 \
+        --out "$OUT/recipe_in512_1gpu.json" 2>&1 | tail -n 2
     wait
-    tail -5 "/tmp/log_recipe512.txt" "/tmp/log_step512dots.txt"
-    log "phase 2: one process per GPU (launch/local.sh)"
-    timeout 170 python3 bench/recipe_run.py --config configs/in256.py --steps 4 --processes 2 --timeout 165 \
-        --out "$OUT/recipe_in256_2proc.json" 2>&1 | tail -2 ;;
+    tail -n 4 /tmp/log_sampling.txt ;;
   *) echo "usage: $0 a|b" >&2; exit 2 ;;
 esac
 log done

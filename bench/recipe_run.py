@@ -72,9 +72,28 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "tvm_jax.main", f"--config={args.config}", f"--workdir={workdir}", *flags]
         env = dict(os.environ)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    # Read the log as it comes; once the last step's line is there the measurement is complete,
+    # and the run is stopped (its end-of-run sample grids and checkpoint are not what is measured).
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, outcome = [], "timeout"
+    last = re.compile(rf"step {args.steps}/{args.steps} ")
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if last.search(line):
+                outcome = "measured"
+                break
+            if time.time() - t0 > args.timeout:
+                break
+        else:
+            outcome = "exited"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.wait()
     wall = time.time() - t0
-    log = proc.stdout + proc.stderr
+    log = "".join(lines)
     shutil.rmtree(workdir, ignore_errors=True)
     parsed = parse_log(log)
     timed = [r for s, r in parsed["images_per_s_by_step"].items() if s >= 2]
@@ -82,7 +101,7 @@ def main(argv=None):
         "gpu": gpu, "num_devices": n_dev, "processes": args.processes,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jax_version": jax_version, "command": " ".join(cmd), "bench_command": " ".join(sys.argv),
-        "returncode": proc.returncode, "wall_s": wall, **parsed,
+        "outcome": outcome, "returncode": proc.returncode, "wall_s": wall, **parsed,
         "images_per_s": statistics.median(timed) if timed else None,
         "log_tail": log[-4000:],
     }
@@ -91,7 +110,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     print(f"{gpu} x{n_dev} ({args.processes} process(es)), {os.path.relpath(args.config, ROOT)} {args.set}: "
-          f"exit {proc.returncode}, micro-batch {parsed['microbatch_size']} ({parsed['microbatch_reason']}), "
+          f"{outcome}, micro-batch {parsed['microbatch_size']} ({parsed['microbatch_reason']}), "
           f"est. {parsed['estimated_memory_per_device']}/device, {report['images_per_s']} img/s "
           f"(steps {parsed['images_per_s_by_step']}), wall {wall:.0f} s")
     return report
