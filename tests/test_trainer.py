@@ -834,7 +834,8 @@ def test_an_error_mid_training_keeps_the_checkpoint_being_saved(tmp_path):
     res = _main("--config=configs/digits.py", f"--workdir={workdir}", *_cli_flags(overrides))
     assert res.returncode == 2, res.stderr[-3000:]
     lines = [line for line in res.stderr.splitlines() if not line.startswith("I")]  # absl INFO lines
-    assert lines[-1] == "error: latent record with label 99 outside [0, 10)", res.stderr[-3000:]
+    shard = os.path.join(data, "train-00000-of-00001.array_record")
+    assert lines[-1] == f"error: {shard} record 17: label 99 outside [0, 10)", res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr, res.stderr[-3000:]
     steps = _checkpoint_steps(workdir)
     assert steps, "the steps before the bad record were checkpointed"

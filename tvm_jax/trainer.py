@@ -346,9 +346,12 @@ def _train(config, workdir: str, mesh, ckpt: Checkpointer) -> TrainState:
                                  _format_seconds(eta), _binned_summary(m))
                 if step % config.train.sample_every == 0 or step == total:
                     write_samples(step)
-                if save_now:
+                stopping = interrupt.signal is not None  # read once: a signal may arrive at any moment
+                if save_now or stopping:
+                    if stopping and not save_now:
+                        divergence.flush()
                     ckpt.save(step, state, force=True)
-                if interrupt.signal is not None:
+                if stopping:
                     ckpt.wait()
                     logging.warning("Stopped by signal %d at step %d; checkpoint saved in %s.", interrupt.signal, step,
                                     ckpt.directory)
