@@ -144,3 +144,26 @@ def test_reading_a_missing_workdir_creates_nothing(tmp_path, mode):
     res = _main(f"--mode={mode}", "--config=configs/gmm.py", f"--workdir={workdir}")
     assert res.returncode == 2 and f"has no checkpoints ({workdir}/checkpoints is missing)" in res.stderr
     assert os.listdir(workdir) == []
+
+
+def test_default_workdir_is_runs_config_name(tmp_path):
+    """Without --workdir, training writes runs/<config file name> (under the current directory)
+    and --mode=sample/export read the same place; a usage error is one line."""
+    config = _config_files(tmp_path)["tiny"]  # tiny.py: its get_config lacks most fields
+    res = subprocess.run([sys.executable, "-m", "tvm_jax.main", "--mode=sample", f"--config={REPO}/configs/gmm.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    line = _assert_one_line_error(res, "--workdir runs/gmm does not exist: train first")
+    assert "Traceback" not in res.stderr and not (tmp_path / "runs").exists(), line
+    res = subprocess.run([sys.executable, "-m", "tvm_jax.main", "--mode=export", f"--config={config}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    _assert_one_line_error(res, "model: the config has no such field")  # tiny.py lacks most sections
+    overrides = ["--config.train.num_steps=2", "--config.train.global_batch_size=16", "--config.model.mlp_width=16",
+                 "--config.model.mlp_depth=1", "--config.sample.num_images=8", "--config.sample.steps=1"]
+    res = subprocess.run([sys.executable, "-m", "tvm_jax.main", f"--config={REPO}/configs/gmm.py", *overrides],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "No --workdir given: using runs/gmm" in res.stderr
+    assert sorted(os.listdir(tmp_path / "runs" / "gmm" / "checkpoints")) == ["2"]

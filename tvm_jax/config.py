@@ -132,6 +132,22 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` naming the first field of :func:`base_config` that ``config`` lacks
+    (a config file that does not start from ``base_config()``)."""
+
+    def walk(expected, given, prefix):
+        for key, value in expected.items():
+            name = prefix + key
+            if not hasattr(given, "keys") or key not in given.keys():
+                raise ValueError(f"{name}: the config has no such field (config files start from "
+                                 "tvm_jax.config.base_config(), as those in configs/ do)")
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, given[key], name + ".")
+
+    walk(base_config(), config, "")
+
+
 def _need(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{field}: {msg}")

@@ -52,7 +52,8 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (default: "
+                                "runs/<config file name>, e.g. runs/in256 for --config=configs/in256.py).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate", "export"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "sample/evaluate: an exported model directory "
                                   "(from tvm_jax.convert or --mode=export) instead of a training workdir.")
@@ -108,26 +109,32 @@ def main(argv):
     mode = _MODE.value
     if config is None and not (mode == "sample" and _CHECKPOINT.value):
         raise app.UsageError("--config is required (e.g. --config=configs/digits.py)")
+    if config is not None:
+        from tvm_jax.config import check_fields
+
+        try:
+            check_fields(config)
+        except ValueError as e:
+            _fail(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
 
     try:
         if mode == "train":
             from tvm_jax.trainer import train
 
-            if not _WORKDIR.value:
-                raise app.UsageError("--workdir is required for training")
-            train(config, _WORKDIR.value)
+            train(config, _workdir(announce=True))
         elif mode == "sample":
             _sample(config)
         elif mode == "evaluate":
             from tvm_jax.evaluation import evaluate
 
-            if not _WORKDIR.value and not _CHECKPOINT.value:
-                raise app.UsageError("--mode=evaluate needs --workdir (a training run) or --checkpoint")
-            results = evaluate(config, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, steps=_steps(config),
+            workdir = None if _CHECKPOINT.value else _workdir()
+            results = evaluate(config, workdir=workdir, checkpoint=_CHECKPOINT.value, steps=_steps(config),
                                w=_W.value, seed=_SEED.value, weights=_WEIGHTS.value, overwrite=_OVERWRITE.value)
             print(json.dumps(results, indent=2))
         elif mode == "export":
             _export(config)
+    except app.UsageError:
+        raise  # answered by _run in one line
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, TrainingAborted) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -150,12 +157,26 @@ _OOM_ADVICE = {
 }
 
 
+def _workdir(announce: bool = False) -> str:
+    """--workdir, or ``runs/<config file name without .py>`` (logged when ``announce``, for
+    training; reading modes name it in their errors): the same default for training and for
+    sampling, evaluating or exporting the run it wrote."""
+    if _WORKDIR.value:
+        return _WORKDIR.value
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+    workdir = os.path.join("runs", name)
+    if announce:
+        logging.info("No --workdir given: using %s", workdir)
+    return workdir
+
+
 def _sample(config) -> None:
     from tvm_jax import generate
 
-    out_dir = _OUT.value or os.path.join(_WORKDIR.value or _CHECKPOINT.value or ".", "sampled")
+    workdir = None if _CHECKPOINT.value else _workdir()
+    out_dir = _OUT.value or os.path.join(workdir or _CHECKPOINT.value, "sampled")
     generate.sample_output_paths(out_dir, _steps(config), overwrite=_OVERWRITE.value)  # fail before sampling
-    model = generate.load_for_sampling(config, checkpoint=_CHECKPOINT.value, workdir=_WORKDIR.value,
+    model = generate.load_for_sampling(config, checkpoint=_CHECKPOINT.value, workdir=workdir,
                                        weights=_WEIGHTS.value)
     if _W.value is not None:
         w = _W.value
@@ -186,9 +207,9 @@ def _export(config) -> None:
 
     if config.model.type != "dit":
         raise ValueError("--mode=export writes DiT models; model.type is " + repr(config.model.type))
-    if not _WORKDIR.value or not _OUT.value:
-        raise app.UsageError("--mode=export needs --workdir (the run) and --out (the new model directory)")
-    model = generate.load_for_sampling(config, checkpoint=None, workdir=_WORKDIR.value, weights=_WEIGHTS.value)
+    if not _OUT.value:
+        raise app.UsageError("--mode=export needs --out (the new model directory)")
+    model = generate.load_for_sampling(config, checkpoint=None, workdir=_workdir(), weights=_WEIGHTS.value)
     model_io.save_model(_OUT.value, dit_config(config), model.params, overwrite=_OVERWRITE.value,
                         metadata={"scaled_param": bool(config.objective.scaled_param), "source": model.description,
                                   "w": float(config.sample.w), "raw_mean": list(config.data.raw_mean),
