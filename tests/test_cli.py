@@ -158,7 +158,7 @@ def test_default_workdir_is_runs_config_name(tmp_path):
     res = subprocess.run([sys.executable, "-m", "tvm_jax.main", "--mode=export", f"--config={config}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=REPO))
-    _assert_one_line_error(res, "model: the config has no such field")  # tiny.py lacks most sections
+    _assert_one_line_error(res, "data: the config has no such field")  # tiny.py lacks most sections
     overrides = ["--config.train.num_steps=2", "--config.train.global_batch_size=16", "--config.model.mlp_width=16",
                  "--config.model.mlp_depth=1", "--config.sample.num_images=8", "--config.sample.steps=1"]
     res = subprocess.run([sys.executable, "-m", "tvm_jax.main", f"--config={REPO}/configs/gmm.py", *overrides],
