@@ -167,14 +167,15 @@ def test_bad_objective_values_name_the_field():
 
 
 def test_per_quarter_statistics_partition_the_batch(net):
-    """Terminal losses are binned by t, FM losses by their own time s'; the bins add up to the batch."""
+    """TVM bins both its terminal and FM losses by t (the official loop logs ts = t beside both);
+    the bins add up to the batch."""
     apply, student, target, x0, labels = net
     cfg = _config()
     key = jax.random.key(10)
     terms = tvm_terms(apply, student, target, x0, labels, key, cfg)
     _, stats = tvm_loss(apply, student, target, x0, labels, key, cfg)
     edges = [0.0, 0.25, 0.5, 0.75, 1.0 + 1e-9]
-    for name, times in (("terminal", terms["t"]), ("fm", terms["s_fm"])):
+    for name, times in (("terminal", terms["t"]), ("fm", terms["t"])):
         bins = [k for k in stats if k.startswith(name + "_t")]
         assert bins == [f"{name}_t0.00-0.25", f"{name}_t0.25-0.50", f"{name}_t0.50-0.75", f"{name}_t0.75-1.00"]
         counts, _ = np.histogram(np.asarray(times), bins=edges)

@@ -264,7 +264,7 @@ def test_training_writes_tensorboard_samples_and_progress_log(gmm_runs):
         png = os.path.join(workdir, "samples", f"step00000006_{n}step.png")
         assert os.path.getsize(png) > 1000, png
         assert images.get(f"samples/{n}step") == [6]
-    # the terminal and FM losses per quarter of t (FM: of its own time s'), where a quarter had samples
+    # the terminal and FM losses per quarter of t (as the official loop bins them), where a quarter had samples
     for step in (2, 4, 6):
         for name in ("terminal", "fm"):
             bins = [tag for tag in scalars if tag.startswith(f"train/{name}_t")
@@ -277,7 +277,7 @@ def test_training_writes_tensorboard_samples_and_progress_log(gmm_runs):
     assert len(progress) == 3, log
     quarter = r"(\S+|-)/(\S+|-)/(\S+|-)/(\S+|-)"
     assert re.fullmatch(r"step 6/6  loss \S+  grad_norm \S+  skipped 0  \S+ img/s  ETA 0m00s  "
-                        rf"terminal by t quarter {quarter}  fm by s' quarter {quarter}", progress[-1]), progress
+                        rf"terminal by t quarter {quarter}  fm by t quarter {quarter}", progress[-1]), progress
     assert re.search(r"step 2/6 .* ETA \d+m\d\ds", progress[0]), progress
 
 

@@ -13,10 +13,10 @@ passes keys of the samples' indices in the global batch, :mod:`tvm_jax.randomnes
 sample's times, noise, label dropout and guidance come from its own key alone.
 
 Besides the whole-batch means, TVM and FM report their terms per quarter of time (bins
-``[0, .25), [.25, .5), [.5, .75), [.75, 1]``, named e.g. ``terminal_t0.25-0.50``): the terminal
-term is binned by its start time ``t``, the FM term by its own time ``s'`` (the time at which
-it is evaluated; binning it by ``t`` would mix unrelated times, as ``s'`` is drawn
-independently).
+``[0, .25), [.25, .5), [.5, .75), [.75, 1]``, named e.g. ``terminal_t0.25-0.50``). In TVM both
+terms are binned by the sample's ``t``, as the official training loop does (its wrapper logs
+``ts = t`` next to both losses and ``training_stats`` bins them in 4 bins of ``t``); the FM
+baseline has no ``t`` and bins its term by its own time ``s'``.
 
 TVM, per sample (DESIGN section 3), with ``w = 1 / beta`` and ``k = w`` (scaled) or 1:
 
@@ -252,7 +252,7 @@ def tvm_loss(apply: NetworkFn, params, target_params, x0, labels, key, config: O
         "frac_t_eq_s": stat(terms["equal"]),
         "mean_gap": stat(terms["t"] - terms["s"]),
         **binned_stats("terminal", terms["terminal"], terms["t"]),
-        **binned_stats("fm", terms["fm"], terms["s_fm"]),
+        **binned_stats("fm", terms["fm"], terms["t"]),
     }
     return jnp.mean(per_sample_loss), stats
 

@@ -371,9 +371,11 @@ def _reported(metrics: dict) -> dict:
 
 
 def _binned_summary(metrics: dict) -> str:
-    """``"  terminal by t 0.1/0.2/0.3/0.4  fm by s' ..."`` for the progress line ("-": empty bin)."""
+    """``"  terminal by t quarter 0.1/0.2/0.3/0.4  fm by t quarter ..."`` for the progress line ("-":
+    empty bin); the FM baseline, which has no ``t``, bins by its own time ``s'``."""
     parts = []
-    for name, time_name in (("terminal", "t"), ("fm", "s'")):
+    tvm = "terminal" + BIN_SUFFIXES[0] in metrics
+    for name, time_name in (("terminal", "t"), ("fm", "t" if tvm else "s'")):
         if name + BIN_SUFFIXES[0] in metrics:
             values = [f"{float(metrics[name + b]):.4g}" if float(metrics[name + b + "_count"]) > 0 else "-"
                       for b in BIN_SUFFIXES]
