@@ -510,6 +510,14 @@ def test_sample_and_export_cli(digits_runs, tmp_path):
     assert "exists" in again.stderr and "--overwrite" in again.stderr, again.stderr[-3000:]
     assert _snapshot(out) == before
 
+    # an output directory that cannot be made (a file in its path) is refused before sampling
+    (tmp_path / "a_file").write_text("x")
+    bad = _main("--mode=sample", *run_flags, *sample_flags, f"--out={tmp_path / 'a_file' / 'out'}")
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines()[-1] == (f"error: --out {tmp_path / 'a_file' / 'out'}: cannot write the "
+                                                   "samples there (Not a directory)"), bad.stderr[-3000:]
+    assert "Sampling" not in bad.stderr  # refused before the model was loaded and sampled
+
     exported = tmp_path / "exported"
     res = _main("--mode=export", *run_flags, f"--out={exported}")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -161,6 +162,12 @@ def sample_output_paths(out_dir: str, steps: Sequence[int], *, overwrite: bool) 
     existing = [p for pair in targets.values() for p in pair if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace sample outputs in {out_dir}")
+    try:  # the directory must take the files before anything is sampled
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out_dir}: cannot write the samples there ({e.strerror or e})") from None
     return targets
 
 
