@@ -162,13 +162,18 @@ def sample_output_paths(out_dir: str, steps: Sequence[int], *, overwrite: bool) 
     existing = [p for pair in targets.values() for p in pair if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace sample outputs in {out_dir}")
-    try:  # the directory must take the files before anything is sampled
+    return targets
+
+
+def prepare_output_dir(out_dir: str) -> None:
+    """Makes ``out_dir`` and checks it takes files (call it once the model loaded, before
+    sampling): a bad ``--out`` fails before the work, not after it."""
+    try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
             pass
     except OSError as e:
         raise ValueError(f"--out {out_dir}: cannot write the samples there ({e.strerror or e})") from None
-    return targets
 
 
 def write_outputs(out_dir: str, samples: dict[int, np.ndarray], labels: np.ndarray, *, config, overwrite: bool,

@@ -178,6 +178,7 @@ def _sample(config) -> None:
     generate.sample_output_paths(out_dir, _steps(config), overwrite=_OVERWRITE.value)  # fail before sampling
     model = generate.load_for_sampling(config, checkpoint=_CHECKPOINT.value, workdir=workdir,
                                        weights=_WEIGHTS.value)
+    generate.prepare_output_dir(out_dir)  # the run or model exists: now the outputs' place may be made
     if _W.value is not None:
         w = _W.value
     elif config is not None:
