@@ -514,8 +514,8 @@ def test_sample_and_export_cli(digits_runs, tmp_path):
     (tmp_path / "a_file").write_text("x")
     bad = _main("--mode=sample", *run_flags, *sample_flags, f"--out={tmp_path / 'a_file' / 'out'}")
     assert bad.returncode == 2, bad.stderr[-3000:]
-    assert bad.stderr.strip().splitlines()[-1] == (f"error: --out {tmp_path / 'a_file' / 'out'}: cannot write the "
-                                                   "samples there (Not a directory)"), bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines()[-1] == (f"error: --out {tmp_path / 'a_file' / 'out'} is not writable: "
+                                                   "Not a directory"), bad.stderr[-3000:]
     assert "Sampling" not in bad.stderr  # refused before the model was loaded and sampled
 
     exported = tmp_path / "exported"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -24,6 +23,7 @@ from tvm_jax import images as image_utils
 from tvm_jax import model_io
 from tvm_jax.checkpointing import Checkpointer, abstract_like, checkpoint_directory
 from tvm_jax.networks import build_network, network_fn, split_model
+from tvm_jax.paths import writable_directory
 from tvm_jax.sampling import make_sampler
 
 
@@ -168,12 +168,7 @@ def sample_output_paths(out_dir: str, steps: Sequence[int], *, overwrite: bool) 
 def prepare_output_dir(out_dir: str) -> None:
     """Makes ``out_dir`` and checks it takes files (call it once the model loaded, before
     sampling): a bad ``--out`` fails before the work, not after it."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {out_dir}: cannot write the samples there ({e.strerror or e})") from None
+    writable_directory(out_dir, "--out")
 
 
 def write_outputs(out_dir: str, samples: dict[int, np.ndarray], labels: np.ndarray, *, config, overwrite: bool,

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -51,6 +50,7 @@ from tvm_jax.metric_writing import create_writer, periodic_actions
 from tvm_jax.microbatching import compile_train_step, micro_batch_count
 from tvm_jax.networks import build_network
 from tvm_jax.objectives import BIN_SUFFIXES, make_objective
+from tvm_jax.paths import writable_directory
 from tvm_jax.sampling import make_sampler
 from tvm_jax.training import TrainState, init_train_state, make_optimizer, make_train_step
 
@@ -66,16 +66,7 @@ class TrainingAborted(RuntimeError):
 def check_workdir(workdir: str) -> str:
     if not workdir:
         raise ValueError("--workdir is required")
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir {workdir} exists and is not a directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--workdir {workdir} is not writable: {e.strerror or e}") from None
-    return workdir
+    return writable_directory(workdir, "--workdir")
 
 
 def preflight(config, workdir: str | None) -> pipeline.DatasetInfo:
