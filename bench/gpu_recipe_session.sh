@@ -5,6 +5,10 @@
 # Usage (after the wheel install line of ../shared/gpu/wheels.sh):
 #   bash bench/gpu_recipe_session.sh a     # 256px: headline 1 GPU | step+profile 256 & 512, sampling; then 2 GPUs DP, FSDP
 #   bash bench/gpu_recipe_session.sh b     # 2 GPUs DP, FSDP; then 512px headline 1 GPU | sampling 256px
+#   bash bench/gpu_recipe_session.sh c     # 512px headline 1 GPU | 256px headline 1 GPU (8 steps), remat and sampling profiles
+#   bash bench/gpu_recipe_session.sh e     # XLA GEMM-epilogue flags on the 256px step and sampling; GPU step-vs-XLA test
+#   bash bench/gpu_recipe_session.sh f     # 2 GPUs FSDP 2 (6 steps); 512px headline (4 steps) | 512px step at batch 32
+#   bash bench/gpu_recipe_session.sh d     # 2 GPUs DP at 256px, 8 steps (scaling against c's 1-GPU run); profiled 2-GPU step
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -40,6 +44,50 @@ case "${1:-}" in
         --out "$OUT/recipe_in512_1gpu.json" 2>&1 | tail -n 2
     wait
     tail -n 4 /tmp/log_sampling.txt ;;
-  *) echo "usage: $0 a|b" >&2; exit 2 ;;
+  c)
+    log "GPU0 headline 512 (3 steps) | GPU1 headline 256 (8 steps), then step variants and sampling profile"
+    (CUDA_VISIBLE_DEVICES=1 timeout 230 python3 bench/recipe_run.py --config configs/in256.py --steps 8 --timeout 225 \
+        --out "$OUT/recipe_in256_1gpu.json" > /tmp/log_recipe256.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 timeout 110 python3 bench/train_step.py --variants remat_none,remat_block --profile \
+        --out "$OUT/train_step_in256_remat.json" > /tmp/log_step256.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 timeout 80 python3 bench/train_step.py --variants "" --sampling --profile \
+        --out "$OUT/sampling_in256_profile.json" > /tmp/log_sampling.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 timeout 60 python3 bench/train_step.py --config configs/in512.py --batch_per_device 16 \
+        --variants remat_dots --out "$OUT/train_step_in512_dots.json" > /tmp/log_step512.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 520 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 515 \
+        --out "$OUT/recipe_in512_1gpu.json" 2>&1 | tail -n 2
+    wait
+    tail -n 3 /tmp/log_recipe256.txt; tail -n 6 /tmp/log_step256.txt /tmp/log_sampling.txt /tmp/log_step512.txt ;;
+  d)
+    log "2 GPUs: headline 256 data parallel, 8 steps"
+    timeout 230 python3 bench/recipe_run.py --config configs/in256.py --steps 8 --timeout 225 \
+        --out "$OUT/recipe_in256_2gpu.json" 2>&1 | tail -n 2
+    log "2 GPUs: step of 2 micro-batches of 128 per device, profiled (where the collectives go)"
+    timeout 150 python3 bench/train_step.py --variants default --batch_per_device 256 --set train.microbatch_size=128 \
+        --profile --out "$OUT/train_step_in256_2gpu_micro.json" 2>&1 | tail -n 3 ;;
+  e)
+    log "XLA GEMM-epilogue flags, 256px step and sampling: GPU0 none, then triton_gemm_any | GPU1 cublaslt, then GPU tests"
+    (CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=--xla_gpu_enable_cublaslt=true timeout 120 python3 bench/train_step.py \
+        --variants default --sampling --out "$OUT/flags_cublaslt.json" > /tmp/log_f2.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py \
+        > "$OUT/pytest_gpu_attention_in_step.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/train_step.py --variants default --sampling \
+        --out "$OUT/flags_none.json" > /tmp/log_f1.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_triton_gemm_any=true timeout 150 python3 bench/train_step.py \
+        --variants default --sampling --out "$OUT/flags_triton_gemm_any.json" > /tmp/log_f3.txt 2>&1
+    wait
+    tail -n 5 /tmp/log_f1.txt /tmp/log_f2.txt /tmp/log_f3.txt; tail -n 3 "$OUT/pytest_gpu_attention_in_step.log" ;;
+  f)
+    log "2 GPUs: headline 256 with mesh.fsdp=2, 6 steps"
+    timeout 150 python3 bench/recipe_run.py --config configs/in256.py --steps 6 --timeout 145 --set mesh.fsdp=2 \
+        --out "$OUT/recipe_in256_2gpu_fsdp2.json" 2>&1 | tail -n 1
+    log "GPU0 headline 512 (4 steps) | GPU1 512px step at batch 32 (remat block), the like-for-like bench"
+    (CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/train_step.py --config configs/in512.py --variants default \
+        --out "$OUT/train_step_in512_b32.json" > /tmp/log_s512.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 405 python3 bench/recipe_run.py --config configs/in512.py --steps 4 --timeout 400 \
+        --out "$OUT/recipe_in512_1gpu.json" 2>&1 | tail -n 1
+    wait
+    tail -n 3 /tmp/log_s512.txt ;;
+  *) echo "usage: $0 a|b|c|d|e|f" >&2; exit 2 ;;
 esac
 log done

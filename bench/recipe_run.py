@@ -26,7 +26,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from queue import Empty, Queue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +45,45 @@ def parse_log(text: str) -> dict:
         "microbatch_reason": micro.group(2) if micro else None,
         "estimated_memory_per_device": micro.group(3) if micro else None,
     }
+
+
+def follow_run(cmd: list[str], env: dict, *, last_step: int, timeout: float) -> tuple[list[str], str, int]:
+    """Runs ``cmd`` and reads its log as it comes until the line of step ``last_step`` (outcome
+    ``measured``), the process's exit (``exited``) or ``timeout`` seconds (``timeout``), whichever is
+    first; then stops the process group (its end-of-run sample grids and checkpoint are not what is
+    measured). The deadline holds while the run is silent (a step of 2048 at 512px logs nothing for
+    80 s), so the caller always gets to write what was measured before any outer time limit."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    queue: Queue = Queue()
+
+    def pump():
+        for line in proc.stdout:
+            queue.put(line)
+        queue.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    last = re.compile(rf"step {last_step}/{last_step} ")
+    lines, outcome = [], "timeout"
+    try:
+        while True:
+            try:
+                line = queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except Empty:
+                break
+            if line is None:
+                outcome = "exited"
+                break
+            lines.append(line)
+            if last.search(line):
+                outcome = "measured"
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.wait()
+    return lines, outcome, proc.returncode
 
 
 def main(argv=None):
@@ -72,26 +113,7 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "tvm_jax.main", f"--config={args.config}", f"--workdir={workdir}", *flags]
         env = dict(os.environ)
     t0 = time.time()
-    # Read the log as it comes; once the last step's line is there the measurement is complete,
-    # and the run is stopped (its end-of-run sample grids and checkpoint are not what is measured).
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines, outcome = [], "timeout"
-    last = re.compile(rf"step {args.steps}/{args.steps} ")
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if last.search(line):
-                outcome = "measured"
-                break
-            if time.time() - t0 > args.timeout:
-                break
-        else:
-            outcome = "exited"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-        proc.wait()
+    lines, outcome, returncode = follow_run(cmd, env, last_step=args.steps, timeout=args.timeout)
     wall = time.time() - t0
     log = "".join(lines)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -101,7 +123,7 @@ def main(argv=None):
         "gpu": gpu, "num_devices": n_dev, "processes": args.processes,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jax_version": jax_version, "command": " ".join(cmd), "bench_command": " ".join(sys.argv),
-        "outcome": outcome, "returncode": proc.returncode, "wall_s": wall, **parsed,
+        "outcome": outcome, "returncode": returncode, "wall_s": wall, **parsed,
         "images_per_s": statistics.median(timed) if timed else None,
         "log_tail": log[-4000:],
     }

@@ -20,8 +20,9 @@ data-parallel mesh of all visible devices. For every variant it reports:
 Variants (``--variants``, comma list): ``default`` (the config as given), ``detach_jvp``,
 ``naive`` (the naive DiT: no Lipschitz changes), ``xla_attention``/``pallas_attention`` (force an
 attention implementation), ``remat_dots``/``remat_block`` (rematerialisation policies),
-``fsdp`` (parameter sharding over all devices, ``mesh.fsdp = #devices``).
-``--sampling`` also times 1- and 4-step sampling of batch 256 (XL/2-18h, bf16) in ms and img/s.
+``remat_none``, ``fsdp`` (parameter sharding over all devices, ``mesh.fsdp = #devices``).
+``--sampling`` also times 1- and 4-step sampling of batch 256 (XL/2-18h, bf16) in ms and img/s
+(with ``--profile``: the 1-step call's device time by op family too).
 
     python bench/train_step.py --out bench/results/train_step_h100.json
     python bench/train_step.py --config=configs/in512.py --variants=default --batch_per_device=8
@@ -55,8 +56,8 @@ from tvm_jax.objectives import make_objective  # noqa: E402
 from tvm_jax.networks import build_network  # noqa: E402
 from tvm_jax.training import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
-VARIANTS = ("default", "detach_jvp", "naive", "xla_attention", "pallas_attention", "remat_dots", "remat_block",
-            "fsdp")
+VARIANTS = ("default", "detach_jvp", "naive", "xla_attention", "pallas_attention", "remat_none", "remat_dots",
+            "remat_block", "fsdp")
 
 
 def variant_config(base_path: str, variant: str, batch_per_device: int, overrides: list[str]):
@@ -79,6 +80,8 @@ def variant_config(base_path: str, variant: str, batch_per_device: int, override
         c.model.attention_impl = "xla"
     elif variant == "pallas_attention":
         c.model.attention_impl = "pallas"
+    elif variant == "remat_none":
+        c.model.remat = "none"
     elif variant == "remat_dots":
         c.model.remat = "dots"
     elif variant == "remat_block":
@@ -218,7 +221,7 @@ def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False)
     return out
 
 
-def bench_sampling(config, batch: int, steps_list=(1, 4)) -> dict:
+def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False) -> dict:
     from tvm_jax.sampling import make_sampler
 
     mesh = shd.make_mesh(1)
@@ -238,6 +241,10 @@ def bench_sampling(config, batch: int, steps_list=(1, 4)) -> dict:
                 times.append((time.perf_counter() - t) * 1e3)
             ms = statistics.median(times)
             out[f"{n}step"] = {"ms_per_batch": ms, "images_per_s": batch / ms * 1e3, "batch": batch}
+            if profile and n == 1:  # device time per op family of one 1-step sampling call
+                prof = profiling.profile(lambda: sampler(net.params, noise, labels), calls=2,
+                                         hlo_text=sampler.lower(net.params, noise, labels).compile().as_text())
+                out[f"{n}step"]["profile"] = {"ms_per_call_by_family": prof["summary"], "top_ops": prof["rows"][:40]}
         del net
     gc.collect()
     return out
@@ -286,7 +293,7 @@ def main(argv=None):
         report["sampling"] = {}
         for batch in [int(b) for b in args.sampling_batch.split(",")]:
             try:  # a batch that does not fit must not lose the others
-                for name, r in bench_sampling(cfg, batch).items():
+                for name, r in bench_sampling(cfg, batch, profile=args.profile and batch == 256).items():
                     report["sampling"][name if batch == 256 else f"{name}_batch{batch}"] = r
             except Exception as e:  # noqa: BLE001
                 report["sampling"][f"batch{batch}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
