@@ -8,6 +8,7 @@
 #   bash bench/gpu_recipe_session.sh c     # 512px headline 1 GPU | 256px headline 1 GPU (8 steps), remat and sampling profiles
 #   bash bench/gpu_recipe_session.sh e     # XLA GEMM-epilogue flags on the 256px step and sampling; GPU step-vs-XLA test
 #   bash bench/gpu_recipe_session.sh f     # 2 GPUs FSDP 2 (6 steps); 512px headline (4 steps) | 512px step at batch 32
+#   bash bench/gpu_recipe_session.sh g     # 2 GPUs, one process per GPU through launch/local.sh
 #   bash bench/gpu_recipe_session.sh d     # 2 GPUs DP at 256px, 8 steps (scaling against c's 1-GPU run); profiled 2-GPU step
 set -u
 OUT=${OUT:-/tmp/out}
@@ -88,6 +89,10 @@ case "${1:-}" in
         --out "$OUT/recipe_in512_1gpu.json" 2>&1 | tail -n 1
     wait
     tail -n 3 /tmp/log_s512.txt ;;
-  *) echo "usage: $0 a|b|c|d|e|f" >&2; exit 2 ;;
+  g)
+    log "2 GPUs, one process per GPU (NUM_PROCESSES=2 bash launch/local.sh): headline 256, 4 steps"
+    timeout 150 python3 bench/recipe_run.py --config configs/in256.py --processes 2 --steps 4 --timeout 140 \
+        --out "$OUT/recipe_in256_2gpu_2proc.json" 2>&1 | tail -n 1 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g" >&2; exit 2 ;;
 esac
 log done
