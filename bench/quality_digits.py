@@ -81,7 +81,7 @@ import optax  # noqa: E402
 
 from tvm_jax.data.pipeline import load_digits  # noqa: E402
 from tvm_jax.dit import DiTConfig  # noqa: E402
-from tvm_jax.fid import compute_statistics, frechet_distance  # noqa: E402
+from tvm_jax.evaluation.fid import compute_statistics, frechet_distance  # noqa: E402
 from tvm_jax.networks import build_dit  # noqa: E402
 from tvm_jax.objectives import GuidanceConfig, ObjectiveConfig, make_objective  # noqa: E402
 from tvm_jax.time_sampling import TimeSamplerConfig  # noqa: E402

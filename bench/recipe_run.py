@@ -104,7 +104,7 @@ def main(argv=None):
                            capture_output=True, text=True, check=True).stdout.strip().splitlines()
     jax_version, n_dev, gpu = facts[-3], int(facts[-2]), facts[-1]
     workdir = tempfile.mkdtemp(prefix="recipe_run_")
-    flags = [f"--config.data.source=synthetic", f"--config.train.num_steps={args.steps}", "--config.train.log_every=1",
+    flags = ["--config.data.source=synthetic", f"--config.train.num_steps={args.steps}", "--config.train.log_every=1",
              *[f"--config.{kv}" for kv in args.set]]
     if args.processes > 1:
         cmd = ["bash", "launch/local.sh", args.config, workdir, *flags]

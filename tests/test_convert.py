@@ -17,9 +17,10 @@ import pytest
 from flax import nnx
 
 from tvm_jax import convert
-from tvm_jax.convert import ConversionError
+from tvm_jax.weights import official as mapping
+from tvm_jax.weights.official import ConversionError
 from tvm_jax.dit import DiTConfig, abstract_dit, sincos_table_2d
-from tvm_jax.model_io import load_model, read_config
+from tvm_jax.weights.model_io import load_model, read_config
 from tvm_jax.networks import network_fn, split_model
 
 DIMS = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -89,7 +90,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def official(params):
-    return convert.params_to_official(params, CFG)
+    return mapping.params_to_official(params, CFG)
 
 
 def _save_safetensors(sd, path):
@@ -132,8 +133,8 @@ def _cli(*args) -> int:
 
 
 def test_mapping_layouts_and_round_trip(params, official):
-    assert set(official) == set(convert.official_shapes(CFG))
-    for k, shape in convert.official_shapes(CFG).items():
+    assert set(official) == set(mapping.official_shapes(CFG))
+    for k, shape in mapping.official_shapes(CFG).items():
         assert official[k].shape == shape, k
     # Layouts, checked element-wise against the documented conventions.
     kernel = params["blocks"]["attn"]["qkv"]["kernel"][1]  # (in, out)
@@ -148,36 +149,36 @@ def test_mapping_layouts_and_round_trip(params, official):
                                   params["blocks"]["attn"]["k_norm"]["weight"][0])
     np.testing.assert_array_equal(official["pos_embed"][0], sincos_table_2d(64, 4).astype(np.float32))
 
-    back = convert.official_to_params(official, CFG)
+    back = mapping.official_to_params(official, CFG)
     assert _trees_equal(back, params)
     # Known prefixes are stripped (all keys carry them), also stacked ones.
     prefixed = {f"module.net.model._orig_mod.{k}": v for k, v in official.items()}
-    assert _trees_equal(convert.official_to_params(prefixed, CFG), params)
+    assert _trees_equal(mapping.official_to_params(prefixed, CFG), params)
 
 
 def test_infer_config(official):
-    assert convert.infer_config(official, dtype="float32") == CFG
-    assert convert.infer_config({f"_orig_mod.{k}": v for k, v in official.items()}, dtype="float32") == CFG
+    assert mapping.infer_config(official, dtype="float32") == CFG
+    assert mapping.infer_config({f"_orig_mod.{k}": v for k, v in official.items()}, dtype="float32") == CFG
 
     no_pos = {k: v for k, v in official.items() if k != "pos_embed"}
     with pytest.raises(ConversionError, match="no pos_embed; pass --input_size"):
-        convert.infer_config(no_pos)
-    assert convert.infer_config(no_pos, input_size=8, dtype="float32") == CFG
+        mapping.infer_config(no_pos)
+    assert mapping.infer_config(no_pos, input_size=8, dtype="float32") == CFG
     with pytest.raises(ConversionError, match="--input_size 16 contradicts pos_embed"):
-        convert.infer_config(official, input_size=16)
+        mapping.infer_config(official, input_size=16)
     with pytest.raises(ConversionError, match="--num_heads 8 contradicts blocks.0.attn.q_norm.weight"):
-        convert.infer_config(official, num_heads=8)
+        mapping.infer_config(official, num_heads=8)
 
-    naive_sd = convert.params_to_official(random_params(NAIVE, 3), NAIVE)
+    naive_sd = mapping.params_to_official(random_params(NAIVE, 3), NAIVE)
     assert "blocks.0.attn.q_norm.weight" not in naive_sd
     with pytest.raises(ConversionError, match="no attn.q_norm weights .*pass --num_heads"):
-        convert.infer_config(naive_sd, naive=True)
-    assert convert.infer_config(naive_sd, naive=True, num_heads=4, dtype="float32") == NAIVE
-    lip = convert.infer_config(naive_sd, num_heads=4)
+        mapping.infer_config(naive_sd, naive=True)
+    assert mapping.infer_config(naive_sd, naive=True, num_heads=4, dtype="float32") == NAIVE
+    lip = mapping.infer_config(naive_sd, num_heads=4)
     assert (lip.mod_norm, lip.norm, lip.qk_norm) == (True, "rms", False)
 
     no_guidance = {k: v for k, v in official.items() if not k.startswith("guidance_embedder.")}
-    assert convert.infer_config(no_guidance).learn_guidance is False
+    assert mapping.infer_config(no_guidance).learn_guidance is False
 
 
 def test_official_to_params_names_every_problem(official):
@@ -186,7 +187,7 @@ def test_official_to_params_names_every_problem(official):
     sd["blocks.0.attn.proj.weight"] = np.zeros((64, 63), np.float32)
     sd["blocks.0.attn.extra.weight"] = np.zeros(3, np.float32)
     with pytest.raises(ConversionError) as err:
-        convert.official_to_params(sd, CFG)
+        mapping.official_to_params(sd, CFG)
     msg = str(err.value)
     assert "missing 2 key(s): blocks.1.mlp.fc2.bias, t_embedder.mlp.0.weight" in msg
     assert "unexpected 1 key(s): blocks.0.attn.extra.weight" in msg
@@ -195,17 +196,17 @@ def test_official_to_params_names_every_problem(official):
     bad = dict(official)
     bad["pos_embed"] = bad["pos_embed"] + 1e-3
     with pytest.raises(ConversionError, match="pos_embed differs from the fixed 2-D sin-cos table"):
-        convert.official_to_params(bad, CFG)
+        mapping.official_to_params(bad, CFG)
     bad = dict(official)
     bad["final_layer.linear.bias"] = np.full(16, np.nan, np.float32)
     with pytest.raises(ConversionError, match="non-finite values in: final_layer.linear.bias"):
-        convert.official_to_params(bad, CFG)
+        mapping.official_to_params(bad, CFG)
     bad = dict(official)
     bad["final_layer.linear.bias"] = np.zeros(16, np.int64)
     with pytest.raises(ConversionError, match=r"not floating point: final_layer.linear.bias \(int64\)"):
-        convert.official_to_params(bad, CFG)
+        mapping.official_to_params(bad, CFG)
     with pytest.raises(ConversionError, match="parameters do not match"):
-        convert.params_to_official({"blocks": {}}, CFG)
+        mapping.params_to_official({"blocks": {}}, CFG)
 
 
 # ----------------------------------------------------------------------------- CLI: formats and outputs
@@ -243,7 +244,7 @@ def test_cli_torch_save_with_several_networks(tmp_path, params, official):
     pytest.importorskip("torch")
     ema = random_params(CFG, 5)
     obj = {"net": {f"model.{k}": v for k, v in official.items()},
-           "ema": {f"model.{k}": v for k, v in convert.params_to_official(ema, CFG).items()},
+           "ema": {f"model.{k}": v for k, v in mapping.params_to_official(ema, CFG).items()},
            "optimizer": {"state": {"0": {"exp_avg": np.ones(3, np.float32)}}}}
     src = _save_pt(obj, tmp_path / "ckpt.pt")
     assert _cli(src, tmp_path / "ema", "--scaled_param") == 0
@@ -260,7 +261,7 @@ def test_cli_official_pickle(tmp_path, params, official):
     ema = random_params(CFG, 6)
     src = tmp_path / "tvm-snapshot.pkl"
     marker = tmp_path / "module_src_ran"
-    _official_builder()(src, state_dicts={"net": official, "ema": convert.params_to_official(ema, CFG)},
+    _official_builder()(src, state_dicts={"net": official, "ema": mapping.params_to_official(ema, CFG)},
                         dims=_builder_dims(CFG), marker=marker)
     assert _cli(src, tmp_path / "out") == 0
     _check_export(tmp_path / "out", ema, weights="ema", fmt="official-pickle")
@@ -429,7 +430,7 @@ def torch_reference_forward(sd: dict, *, x_nchw, t, gap, onehot, beta, num_heads
 def test_matches_independent_pytorch_reference(tmp_path, naive):
     pytest.importorskip("torch")
     config = NAIVE if naive else CFG
-    sd = convert.params_to_official(random_params(config, 11), config)
+    sd = mapping.params_to_official(random_params(config, 11), config)
     src = _save_pt({"model": sd}, tmp_path / "w.pth")
     flags = ["--scaled_param"] + (["--naive", "--num_heads=4"] if naive else [])
     assert _cli(src, tmp_path / "out", *flags) == 0

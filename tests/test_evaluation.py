@@ -7,7 +7,7 @@ FID-Inception weights). Sharded sampling over the 4 virtual CPU devices of conft
 against one device and against a plain unsharded sampler call.
 
 FID on 2048-d features: scipy's ``sqrtm`` of a 2048 x 2048 matrix takes 20-50 s on a shared CPU,
-so the FID test swaps :func:`tvm_jax.fid.frechet_distance` for an exact low-rank version (the
+so the FID test swaps :func:`tvm_jax.evaluation.fid.frechet_distance` for an exact low-rank version (the
 sample covariance of 4 images has rank 3; the same quantity, checked against the real function
 below). Everything else in the FID pipeline is the real code.
 """
@@ -71,9 +71,9 @@ def _random_mlp_model(seed=0) -> generate.LoadedModel:
 
 
 def _export_dit(directory, *, input_size, in_channels, num_classes, patch, perturb=0.0, w=1.0):
-    """A tiny DiT with random weights written by tvm_jax.model_io.save_model."""
+    """A tiny DiT with random weights written by tvm_jax.weights.model_io.save_model."""
     from tvm_jax.dit import DiTConfig
-    from tvm_jax.model_io import save_model
+    from tvm_jax.weights.model_io import save_model
     from tvm_jax.networks import build_dit
 
     cfg = DiTConfig.create(None, lipschitz=True, input_size=input_size, in_channels=in_channels, hidden_size=32,
@@ -305,7 +305,7 @@ def _low_rank_frechet_distance(mu1, sigma1, mu2, sigma2, eps=None, rank=32):
 
 
 def test_low_rank_frechet_distance_matches_fid_module():
-    from tvm_jax.fid import compute_statistics, frechet_distance
+    from tvm_jax.evaluation.fid import compute_statistics, frechet_distance
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((6, 40)), 1.5 * rng.standard_normal((300, 40)) + 0.3  # a: rank 5
@@ -365,7 +365,7 @@ def test_latents_fid_end_to_end_paper_protocol(tmp_path, monkeypatch):
     shifted by ``delta``: the FID must come out as ``|delta|^2``; the report names everything."""
     import hashlib
 
-    from tvm_jax import fid
+    from tvm_jax.evaluation import fid
 
     monkeypatch.setattr(fid, "frechet_distance", _low_rank_frechet_distance)
     c = _latents_config()
@@ -475,7 +475,7 @@ def test_protocol_settings_are_checked_before_anything_runs(gmm_run, tmp_path, m
     monkeypatch.setattr(generate, "load_for_sampling", no_loading)
     c = _latents_config()
     c.data.vae_path, c.eval.inception_path = str(tmp_path), str(tmp_path)
-    from tvm_jax.inception import FEATURE_DIM
+    from tvm_jax.evaluation.inception import FEATURE_DIM
 
     np.savez(tmp_path / "ref.npz", mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
     c.eval.reference_stats = str(tmp_path / "ref.npz")

@@ -1,4 +1,4 @@
-"""Tests for tvm_jax.inception (FID Inception-v3) and tvm_jax.fid (statistics, distance, files).
+"""Tests for tvm_jax.evaluation.inception (FID Inception-v3) and tvm_jax.evaluation.fid (statistics, distance, files).
 
 Parity reference. pytorch-fid's ``InceptionV3`` subclasses torchvision's Inception blocks, and
 torchvision only imports next to a heavy CUDA torch build here (torch 2.14.1 + torchvision
@@ -31,9 +31,9 @@ from flax import nnx
 from PIL import Image
 from safetensors.numpy import save_file
 
-from tvm_jax import inception as inc
+from tvm_jax.evaluation import inception as inc
 from weight_fixtures import inception_shapes, random_inception_state_dict
-from tvm_jax.fid import (
+from tvm_jax.evaluation.fid import (
     InceptionFeatures,
     compute_statistics,
     features_from_folder,
@@ -302,7 +302,7 @@ def test_resize_matches_torch_bilinear(hw):
 @pytest.mark.torch
 def test_load_pth_written_by_torch(tmp_path, state_dict, model):
     torch = pytest.importorskip("torch")
-    pytest.importorskip("tvm_jax.torch_io")
+    pytest.importorskip("tvm_jax.weights.torch_io")
     path = tmp_path / inc.FID_WEIGHTS_FILENAME
     torch.save(_torch_state_dict(state_dict), path)
     loaded = inc.load_inception(path)
@@ -675,7 +675,7 @@ class _Reduce:
 
 
 def test_malicious_reference_pickles_execute_and_allocate_nothing(tmp_path):
-    from tvm_jax.fid import UnsafePickleError, _numpy_core
+    from tvm_jax.evaluation.fid import UnsafePickleError, _numpy_core
 
     marker = tmp_path / "pwned"
     cases = {

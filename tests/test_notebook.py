@@ -40,7 +40,8 @@ def get_config():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """(config file, training workdir, exported model directory) of a 2-step tiny digits run."""
-    from tvm_jax import generate, model_io, trainer
+    from tvm_jax import generate, trainer
+    from tvm_jax.weights import model_io
     from tvm_jax.config import dit_config, load_config_file
 
     base = tmp_path_factory.mktemp("notebook")

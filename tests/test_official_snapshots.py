@@ -18,9 +18,10 @@ pytest.importorskip("omegaconf")
 import official_fixtures as of  # noqa: E402
 from test_convert import _apply, _cli, _cli_error, _inputs, _pure, torch_reference_forward  # noqa: E402
 
-from tvm_jax import generate, torch_io  # noqa: E402
+from tvm_jax import generate  # noqa: E402
+from tvm_jax.weights import torch_io  # noqa: E402
 from tvm_jax.dit import DiTConfig  # noqa: E402
-from tvm_jax.model_io import load_model, read_config  # noqa: E402
+from tvm_jax.weights.model_io import load_model, read_config  # noqa: E402
 
 pytestmark = pytest.mark.torch
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +271,7 @@ def test_convert_from_hub_offline_and_sample_without_config(hub_cache, snapshots
 def test_vae_from_hub_offline(hub_cache, monkeypatch):
     import huggingface_hub.constants
 
-    from tvm_jax import hub
+    from tvm_jax.weights import hub
     from tvm_jax.vae import vae_files
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -284,7 +285,7 @@ def test_vae_from_hub_offline(hub_cache, monkeypatch):
 
 
 def test_hub_without_huggingface_hub(monkeypatch):
-    from tvm_jax import hub
+    from tvm_jax.weights import hub
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(hub.HubError, match=r"need the huggingface_hub package: pip install -e \"\.\[hub\]\""):

@@ -1,4 +1,4 @@
-"""tvm_jax.torch_io: torch-free, code-execution-free readers of PyTorch checkpoints.
+"""tvm_jax.weights.torch_io: torch-free, code-execution-free readers of PyTorch checkpoints.
 
 The official-checkpoint fixture is built here without the official code: small fake classes
 whose ``__reduce__`` emits ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` exactly
@@ -23,8 +23,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tvm_jax import torch_io
-from tvm_jax.torch_io import CheckpointFormatError, UnsafePickleError
+from tvm_jax.weights import torch_io
+from tvm_jax.weights.torch_io import CheckpointFormatError, UnsafePickleError
 
 TINY = dict(hidden=64, depth=2, heads=4, classes=10, channels=4, input_size=8, patch=2, mlp_ratio=4)
 
@@ -570,7 +570,7 @@ def test_official_reader_runs_without_torch_installed(tmp_path):
     script = (
         "import sys\n"
         "for m in ('torch', 'timm', 'torch_utils', 'dnnlib', 'training'): sys.modules[m] = None\n"
-        "from tvm_jax import torch_io\n"
+        "from tvm_jax.weights import torch_io\n"
         "from test_torch_io import _digest\n"
         f"sd = torch_io.load_official_pickle({str(path)!r})\n"
         "print(_digest(sd))\n"

@@ -98,7 +98,7 @@ BOMBS = {
 
 SCRIPT = r"""
 import json, resource, sys
-from tvm_jax import torch_io
+from tvm_jax.weights import torch_io
 paths, valid = json.loads(sys.argv[1]), sys.argv[2]
 errors = {}
 for p in paths:
@@ -141,7 +141,7 @@ def test_bombs_are_refused_within_bounded_memory(tmp_path):
 
 
 def test_genuine_views_still_read(tmp_path):
-    from tvm_jax import torch_io
+    from tvm_jax.weights import torch_io
 
     base = torch.arange(24.0).reshape(4, 6)
     path = tmp_path / "views.pt"

@@ -748,7 +748,7 @@ def test_out_of_memory_is_one_line_and_exit_status_2(gmm_runs, tmp_path):
 @pytest.fixture(scope="module")
 def exported_models(digits_runs, tmp_path_factory):
     """The digits run's EMA weights exported; a model of another width; a model full of NaN."""
-    from tvm_jax import model_io
+    from tvm_jax.weights import model_io
     from tvm_jax.config import dit_config
     from tvm_jax.networks import build_network
 

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from tvm_jax import inception as inc
+from tvm_jax.evaluation import inception as inc
 from tvm_jax import vae as vae_lib
 
 TINY_VAE_CONFIG = {

@@ -1,6 +1,6 @@
 """Starting a training run from an exported model (``train.init_from=DIR``).
 
-``DIR`` is an exported model directory (:mod:`tvm_jax.model_io`: written by ``tvm_jax.convert``
+``DIR`` is an exported model directory (:mod:`tvm_jax.weights.model_io`: written by ``tvm_jax.convert``
 from the official PyTorch weights, or by ``--mode=export`` from a run). Its architecture must be
 the configured one: every architecture field of its ``model_config.json`` is compared with the
 config (compute settings such as dtype, attention kernel and rematerialisation, and the
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tvm_jax import model_io
+from tvm_jax.weights import model_io
 from tvm_jax.config import dit_config
 from tvm_jax.dit import DiT, DiTConfig
 from tvm_jax.networks import abstract_params, split_model

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from tvm_jax import images as image_utils
-from tvm_jax import model_io
+from tvm_jax.weights import model_io
 from tvm_jax.checkpointing import Checkpointer, abstract_like, checkpoint_directory
 from tvm_jax.networks import build_network, network_fn, split_model
 from tvm_jax.paths import writable_directory

@@ -203,7 +203,8 @@ def _sample(config) -> None:
 
 
 def _export(config) -> None:
-    from tvm_jax import generate, model_io
+    from tvm_jax import generate
+    from tvm_jax.weights import model_io
     from tvm_jax.config import dit_config
 
     if config.model.type != "dit":

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tvm_jax import hub
+from tvm_jax.weights import hub
 
 __all__ = [
     "VAEConfig",
@@ -577,7 +577,7 @@ def vae_files(folder: str | Path) -> tuple[Path, Path]:
     """``(config.json, weights)`` paths of a diffusers ``AutoencoderKL`` folder; raises
     ``FileNotFoundError`` naming what is missing (cheap: reads nothing). ``hf://ORG/NAME[/SUBDIR]``
     names a folder on the Hugging Face Hub: just those two files are fetched into the standard
-    Hugging Face cache (see :mod:`tvm_jax.hub`)."""
+    Hugging Face cache (see :mod:`tvm_jax.weights.hub`)."""
     if hub.is_hub_path(folder):
         folder = hub.download_folder(folder, [CONFIG_NAME, WEIGHTS_NAME])
     folder = Path(folder)

@@ -15,7 +15,7 @@ and mapped to [-1, 1], exactly as pytorch-fid's ``InceptionV3(resize_input=True,
 normalize_input=True)``.
 
 Weights: :func:`load_inception` reads pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``
-(through :mod:`tvm_jax.torch_io`, a restricted torch-free reader), or the same state dict
+(through :mod:`tvm_jax.weights.torch_io`, a restricted torch-free reader), or the same state dict
 stored as ``.safetensors`` / ``.npz``. Keys are torchvision's (``Mixed_5b.branch1x1.conv.weight``,
 ``...bn.running_mean`` ...); the classifier (``fc.*``) and ``num_batches_tracked`` entries are
 ignored.
@@ -408,14 +408,14 @@ def inception_from_state_dict(state_dict: Mapping[str, np.ndarray], *, precision
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Reads a flat {name: array} dict from ``.pth``/``.pt`` (torch zip, via ``tvm_jax.torch_io``;
+    """Reads a flat {name: array} dict from ``.pth``/``.pt`` (torch zip, via ``tvm_jax.weights.torch_io``;
     no torch, no arbitrary unpickling), ``.safetensors`` or ``.npz``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".pth", ".pt"):
-        from tvm_jax.torch_io import load_state_dict
+        from tvm_jax.weights.torch_io import load_state_dict
 
         return dict(load_state_dict(path))
     if suffix == ".safetensors":

@@ -1,7 +1,7 @@
 """Fréchet Inception Distance: feature extraction, statistics, reference files.
 
 * :class:`InceptionFeatures` — jitted, batched pool3 features of the FID Inception-v3
-  (:mod:`tvm_jax.inception`) for uint8 NHWC images (or floats in [0, 255]), optionally with
+  (:mod:`tvm_jax.evaluation.inception`) for uint8 NHWC images (or floats in [0, 255]), optionally with
   the batch split over all local devices.
 * :func:`compute_statistics` / :func:`frechet_distance` — float64 mean/covariance and the
   Fréchet distance as in pytorch-fid (``scipy.linalg.sqrtm``, eps-offset fallback for singular
@@ -39,7 +39,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tvm_jax.inception import FEATURE_DIM, FIDInceptionV3, load_inception
+from tvm_jax.evaluation.inception import FEATURE_DIM, FIDInceptionV3, load_inception
 
 __all__ = [
     "InceptionFeatures",

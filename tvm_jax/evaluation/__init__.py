@@ -54,8 +54,8 @@ images are split into two stratified halves A and B.
 (``data.vae_path``, undoing the data pipeline's per-channel normalisation), converted to uint8,
 embedded with the FID Inception-v3 (``eval.inception_path``) and compared with the reference
 statistics (``eval.reference_stats``: EDM2's ``img256.pkl``/``img512.pkl`` or an ``.npz`` with
-``mu``/``sigma`` such as ADM's, :func:`tvm_jax.fid.load_reference_statistics`) by
-:func:`tvm_jax.fid.frechet_distance` (pytorch-fid's formula). ``eval.num_samples`` (default
+``mu``/``sigma`` such as ADM's, :func:`tvm_jax.evaluation.fid.load_reference_statistics`) by
+:func:`tvm_jax.evaluation.fid.frechet_distance` (pytorch-fid's formula). ``eval.num_samples`` (default
 50 000) samples per step count, streamed batch by batch (images are never all in memory). The
 report names the protocol, the reference statistics and the Inception weights with their sha256.
 
@@ -448,7 +448,7 @@ def digit_judge(upsample: int, *, seed: int = 0, steps: int = 600, batch: int = 
 
 
 def _fd(f1: np.ndarray, f2: np.ndarray) -> float:
-    from tvm_jax.fid import compute_statistics, frechet_distance
+    from tvm_jax.evaluation.fid import compute_statistics, frechet_distance
 
     return frechet_distance(*compute_statistics(f1), *compute_statistics(f2))
 
@@ -504,8 +504,8 @@ def _field(config, dotted: str):
 
 def check_latent_inputs(config) -> tuple[np.ndarray, np.ndarray]:
     """Checks the three FID inputs before anything is sampled; returns the reference (mu, sigma)."""
-    from tvm_jax.fid import load_reference_statistics
-    from tvm_jax.inception import FEATURE_DIM
+    from tvm_jax.evaluation.fid import load_reference_statistics
+    from tvm_jax.evaluation.inception import FEATURE_DIM
 
     for name, what in _LATENT_FIELDS.items():
         value = _field(config, name)
@@ -640,7 +640,7 @@ def evaluate_latents(config, model: generate.LoadedModel, sampler: ShardedSample
     A sample that is not finite is left out of the statistics and reported by index
     (``nonfinite_samples``/``nonfinite_indices``); ``fid_samples`` is the count the FID used
     (``fid`` is null when fewer than 2 are finite)."""
-    from tvm_jax.fid import InceptionFeatures, compute_statistics, frechet_distance
+    from tvm_jax.evaluation.fid import InceptionFeatures, compute_statistics, frechet_distance
 
     if len(model.sample_shape) != 3:
         raise ValueError(f"FID needs image latents (H, W, C); the model makes samples of shape {model.sample_shape}")
