@@ -3,7 +3,7 @@
 The network is ``F(x, t, gap, label, beta)``: images/latents ``x`` in NHWC, the current time
 ``t``, the step length ``gap = t - s``, an integer class ``label`` (``num_classes`` is the null
 label) and the guidance input ``beta = 1 / w``. It matches the official PyTorch model parameter
-for parameter (see ``tvm_jax.convert`` for the name mapping):
+for parameter (see ``tvm_jax.weights.official`` for the name mapping):
 
 * patch embedding: 2x2 stride-2 conv with bias, plus a fixed 2-D sin-cos table (first half of the
   channels encodes the column index, second half the row index, each half ``[sin, cos]``);
