@@ -34,6 +34,8 @@ import numpy as np
 from flax import nnx
 
 from tvm_jax.weights import hub
+from tvm_jax.weights.nnx_variables import (assign_arrays, check_keys, flat_variables, get_variable,
+                                           raise_shape_dtype_errors, shape_dtype_error)
 
 __all__ = [
     "VAEConfig",
@@ -447,7 +449,7 @@ def _normalise_key(key: str) -> str:
 def _module_param_table(model: nnx.Module) -> dict[str, tuple[tuple, tuple[int, ...], str]]:
     """diffusers key -> (module path, expected diffusers shape, kind) for every Param in ``model``."""
     table = {}
-    for path, arr_shape in _flat_variables(model, nnx.Param):
+    for path, arr_shape in flat_variables(model, nnx.Param):
         *mod_path, name = path
         if name == "kernel" and len(arr_shape) == 4:
             kind = "conv"
@@ -465,34 +467,6 @@ def _module_param_table(model: nnx.Module) -> dict[str, tuple[tuple, tuple[int, 
         key = ".".join(str(p) for p in mod_path) + "." + torch_name
         table[key] = (tuple(path), torch_shape, kind)
     return table
-
-
-def _get_variable(model: nnx.Module, path: tuple):
-    obj = model
-    for p in path:
-        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
-    return obj
-
-
-def _assign(var: nnx.Variable, value: jax.Array) -> None:
-    # set_value also works on the abstract (ShapeDtypeStruct) variables of an nnx.eval_shape model.
-    if hasattr(var, "set_value"):
-        var.set_value(value)
-    else:  # older flax
-        var.value = value
-
-
-def _flat_variables(model: nnx.Module, variable_type) -> list[tuple[tuple, tuple[int, ...]]]:
-    """[(path, shape)] of the variables of ``model`` (concrete or abstract)."""
-    state = nnx.state(model, variable_type)
-    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-    out = []
-    for path, leaf in flat:
-        shape = getattr(leaf, "shape", None)
-        if shape is None:
-            shape = np.shape(leaf.value)
-        out.append((tuple(path), tuple(shape)))
-    return out
 
 
 def convert_diffusers_state_dict(
@@ -516,15 +490,8 @@ def convert_diffusers_state_dict(
         renamed[nk] = (k, v)
     if duplicates:
         raise KeyError(f"VAE weights: several keys map to the same parameter: {', '.join(duplicates)}")
-    missing = sorted(set(table) - set(renamed))
-    unexpected = sorted(renamed[k][0] for k in set(renamed) - set(table))
-    if missing or unexpected:
-        msg = ["VAE weights do not match the model config:"]
-        if missing:
-            msg.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            msg.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        raise KeyError("\n".join(msg))
+    check_keys(table, renamed, "VAE weights do not match the model config",
+               shown={k: src for k, (src, _) in renamed.items()})
     out = {}
     bad = []
     for key, (path, torch_shape, kind) in table.items():
@@ -532,11 +499,9 @@ def convert_diffusers_state_dict(
         arr = np.asarray(arr)
         if kind == "linear" and arr.ndim in (3, 4) and all(s == 1 for s in arr.shape[2:]):
             arr = arr.reshape(arr.shape[:2])  # 1x1 conv attention projection -> linear
-        if tuple(arr.shape) != torch_shape:
-            bad.append(f"{src_key}: expected {torch_shape}, got {tuple(arr.shape)}")
-            continue
-        if not np.issubdtype(arr.dtype, np.floating):
-            bad.append(f"{src_key}: expected a floating dtype, got {arr.dtype}")
+        error = shape_dtype_error(src_key, arr, torch_shape)
+        if error:
+            bad.append(error)
             continue
         arr = arr.astype(np.float32)
         if kind == "conv":
@@ -544,8 +509,7 @@ def convert_diffusers_state_dict(
         elif kind == "linear":
             arr = arr.T  # (out, in) -> (in, out)
         out[path] = np.ascontiguousarray(arr)
-    if bad:
-        raise ValueError("VAE weights have wrong shapes/dtypes:\n  " + "\n  ".join(sorted(bad)))
+    raise_shape_dtype_errors(bad, "VAE weights have wrong shapes/dtypes")
     return out
 
 
@@ -553,7 +517,7 @@ def export_diffusers_state_dict(model: AutoencoderKL) -> dict[str, np.ndarray]:
     """The inverse of :func:`load_diffusers_state_dict`: current diffusers key names, PyTorch layout."""
     out = {}
     for key, (path, _, kind) in _module_param_table(model).items():
-        arr = np.asarray(_get_variable(model, path)[...], dtype=np.float32)
+        arr = np.asarray(get_variable(model, path)[...], dtype=np.float32)
         if kind == "conv":
             arr = arr.transpose(3, 2, 0, 1)  # HWIO -> OIHW
         elif kind == "linear":
@@ -567,10 +531,7 @@ def load_diffusers_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.
 
     ``model`` may be abstract (from ``nnx.eval_shape``): every parameter gets a value.
     """
-    converted = convert_diffusers_state_dict(model, state_dict)
-    for path, arr in converted.items():
-        _assign(_get_variable(model, path), jnp.asarray(arr))
-    return model
+    return assign_arrays(model, convert_diffusers_state_dict(model, state_dict))
 
 
 def vae_files(folder: str | Path) -> tuple[Path, Path]:

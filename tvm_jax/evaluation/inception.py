@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tvm_jax.weights.nnx_variables import (assign_arrays, check_keys, flat_variables, get_variable,
+                                           raise_shape_dtype_errors, shape_dtype_error)
+
 __all__ = [
     "FIDInceptionV3",
     "load_inception",
@@ -307,7 +310,7 @@ _LEAF_TO_TORCH = {
 def _variable_table(model: FIDInceptionV3) -> dict[str, tuple[tuple, tuple[int, ...], bool]]:
     """torch key -> (variable path, torch shape, is_conv) for every variable of ``model``."""
     table = {}
-    for path, shape in _flat_variables(model, nnx.Variable):
+    for path, shape in flat_variables(model, nnx.Variable):
         leaf_name = tuple(path[-2:])
         if leaf_name not in _LEAF_TO_TORCH:  # pragma: no cover - bug guard
             raise AssertionError(f"unexpected variable {path}")
@@ -320,34 +323,6 @@ def _variable_table(model: FIDInceptionV3) -> dict[str, tuple[tuple, tuple[int, 
     return table
 
 
-def _get_variable(model, path):
-    obj = model
-    for p in path:
-        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
-    return obj
-
-
-def _assign(var: nnx.Variable, value: jax.Array) -> None:
-    # set_value also works on the abstract (ShapeDtypeStruct) variables of an nnx.eval_shape model.
-    if hasattr(var, "set_value"):
-        var.set_value(value)
-    else:  # older flax
-        var.value = value
-
-
-def _flat_variables(model: nnx.Module, variable_type) -> list[tuple[tuple, tuple[int, ...]]]:
-    """[(path, shape)] of the variables of ``model`` (concrete or abstract)."""
-    state = nnx.state(model, variable_type)
-    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-    out = []
-    for path, leaf in flat:
-        shape = getattr(leaf, "shape", None)
-        if shape is None:
-            shape = np.shape(leaf.value)
-        out.append((tuple(path), tuple(shape)))
-    return out
-
-
 def convert_torch_state_dict(model: FIDInceptionV3, state_dict: Mapping[str, np.ndarray]) -> dict[tuple, np.ndarray]:
     """pytorch-fid state dict -> {variable path: float32 array in JAX layout}.
 
@@ -357,28 +332,17 @@ def convert_torch_state_dict(model: FIDInceptionV3, state_dict: Mapping[str, np.
     keys = {
         k for k in state_dict if not (k.endswith(_IGNORED_SUFFIXES) or k.startswith(_IGNORED_PREFIXES))
     }
-    missing = sorted(set(table) - keys)
-    unexpected = sorted(keys - set(table))
-    if missing or unexpected:
-        msg = ["Inception weights do not match the FID Inception-v3:"]
-        if missing:
-            msg.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            msg.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        raise KeyError("\n".join(msg))
+    check_keys(table, keys, "Inception weights do not match the FID Inception-v3")
     out, bad = {}, []
     for key, (path, shape, is_conv) in table.items():
         arr = np.asarray(state_dict[key])
-        if tuple(arr.shape) != shape:
-            bad.append(f"{key}: expected {shape}, got {tuple(arr.shape)}")
-            continue
-        if not np.issubdtype(arr.dtype, np.floating):
-            bad.append(f"{key}: expected a floating dtype, got {arr.dtype}")
+        error = shape_dtype_error(key, arr, shape)
+        if error:
+            bad.append(error)
             continue
         arr = arr.astype(np.float32)
         out[path] = np.ascontiguousarray(arr.transpose(2, 3, 1, 0) if is_conv else arr)
-    if bad:
-        raise ValueError("Inception weights have wrong shapes/dtypes:\n  " + "\n  ".join(sorted(bad)))
+    raise_shape_dtype_errors(bad, "Inception weights have wrong shapes/dtypes")
     return out
 
 
@@ -386,7 +350,7 @@ def export_torch_state_dict(model: FIDInceptionV3) -> dict[str, np.ndarray]:
     """Inverse of :func:`load_inception_state_dict` (torchvision key names, OIHW convs; no ``fc``)."""
     out = {}
     for key, (path, _, is_conv) in _variable_table(model).items():
-        arr = np.asarray(_get_variable(model, path)[...], np.float32)
+        arr = np.asarray(get_variable(model, path)[...], np.float32)
         out[key] = np.ascontiguousarray(arr.transpose(3, 2, 0, 1) if is_conv else arr)
     return out
 
@@ -396,9 +360,7 @@ def load_inception_state_dict(model: FIDInceptionV3, state_dict: Mapping[str, np
 
     ``model`` may be abstract (from ``nnx.eval_shape``): every variable gets a value.
     """
-    for path, arr in convert_torch_state_dict(model, state_dict).items():
-        _assign(_get_variable(model, path), jnp.asarray(arr))
-    return model
+    return assign_arrays(model, convert_torch_state_dict(model, state_dict))
 
 
 def inception_from_state_dict(state_dict: Mapping[str, np.ndarray], *, precision: Any = "highest") -> FIDInceptionV3:
