@@ -232,7 +232,7 @@ def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False)
         labels = jax.device_put(jnp.arange(batch) % config.data.num_classes, shd.batch_sharding(mesh))
         for n in steps_list:
             sampler = make_sampler(net.apply, steps=n, w=config.sample.w, null_label=config.data.num_classes,
-                                   scaled=config.objective.scaled_param)
+                                   scaled=config.objective.scaled_param).lower(net.params, noise, labels).compile()
             jax.block_until_ready(sampler(net.params, noise, labels))
             times = []
             for _ in range(10):
@@ -243,7 +243,7 @@ def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False)
             out[f"{n}step"] = {"ms_per_batch": ms, "images_per_s": batch / ms * 1e3, "batch": batch}
             if profile and n == 1:  # device time per op family of one 1-step sampling call
                 prof = profiling.profile(lambda: sampler(net.params, noise, labels), calls=2,
-                                         hlo_text=sampler.lower(net.params, noise, labels).compile().as_text())
+                                         hlo_text=sampler.as_text())
                 out[f"{n}step"]["profile"] = {"ms_per_call_by_family": prof["summary"], "top_ops": prof["rows"][:40]}
         del net
     gc.collect()
