@@ -2,11 +2,14 @@
 
 ``attention(q, k, v, *, scale=None, impl="auto", jvp=False, interpret=None, block_sizes=None)``
 is the one entry point the model calls (layout (batch, seq, heads, head_dim)).
-``flash_with_tangent`` exposes the fused forward+tangent kernel directly.
+``flash_with_tangent`` exposes the fused forward+tangent kernel directly. The kernels' forward
+outputs and row statistics carry the checkpoint name ``RESIDUALS_NAME``, so a remat policy can
+keep them rather than re-run the forward kernels in the backward.
 """
 from kernels.api import attention, flash_with_tangent
 from kernels.auto import choose_impl, load_table
 from kernels.config import AttentionConfig, KernelConfig, default_config
+from kernels.flash import RESIDUALS_NAME
 from kernels.reference import attention_xla, tangent_xla
 
 __all__ = [
@@ -19,4 +22,5 @@ __all__ = [
     "default_config",
     "choose_impl",
     "load_table",
+    "RESIDUALS_NAME",
 ]

@@ -36,12 +36,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.config import AttentionConfig, KernelConfig
 
 _LOG2E = math.log2(math.e)
+# Name of the values the kernels' backward needs from their forward (outputs and row
+# statistics). A rematerialisation policy that saves this name (jax.checkpoint_policies.
+# save_only_these_names) keeps them instead of re-running the forward kernel in the backward.
+RESIDUALS_NAME = "tvm_attention_residuals"
 _F32 = jnp.float32
 # Squeezed block dimension (``None`` is the long-standing spelling; newer jax has pl.squeezed).
 _SQ = getattr(pl, "squeezed", None)
@@ -527,8 +532,12 @@ def flash(q, k, v, st: Static):
     return fwd_call(q, k, v, st)[0]
 
 
+def _saveable(*arrays):
+    return tuple(checkpoint_name(a, RESIDUALS_NAME) for a in arrays)
+
+
 def _flash_fwd(q, k, v, st):
-    o, lse = fwd_call(q, k, v, st)
+    o, lse = _saveable(*fwd_call(q, k, v, st))
     return o, (q, k, v, o, lse)
 
 
@@ -548,7 +557,7 @@ def flash_tangent(q, k, v, tq, tk, tv, st: Static):
 
 
 def _flash_tangent_fwd(q, k, v, tq, tk, tv, st):
-    o, to, lse, mu = jvp_fwd_call(q, k, v, tq, tk, tv, st)
+    o, to, lse, mu = _saveable(*jvp_fwd_call(q, k, v, tq, tk, tv, st))
     return (o, to), (q, k, v, tq, tk, tv, o, to, lse, mu)
 
 

@@ -1,4 +1,7 @@
 """The Lipschitz DiT: sizes, parameter counts, init, embeddings, switches, forward/JVP/grad."""
+import collections
+import contextlib
+import io
 import math
 
 import jax
@@ -8,7 +11,7 @@ import pytest
 from flax import nnx
 
 from tvm_jax.dit import (
-    MODEL_SIZES, Buffer, DiT, DiTConfig, abstract_dit, count_params, frequency_features, rms_norm,
+    MODEL_SIZES, Buffer, DiT, DiTConfig, abstract_dit, count_params, frequency_features, gelu_tanh, rms_norm,
     sincos_table_2d, unpatchify,
 )
 from tvm_jax.networks import build_dit
@@ -185,9 +188,87 @@ def test_wrong_input_shape_is_a_clear_error():
     ("num_heads", dict(size=None, hidden_size=64, depth=1, num_heads=5), "model.num_heads"),
     ("norm", dict(size="S/2", norm="batch"), "model.norm"),
     ("remat", dict(size="S/2", remat="everything"), "model.remat"),
+    ("save_attention", dict(size="S/2", save_attention="yes"), "model.save_attention: must be a bool"),
     ("depth", dict(size=None, hidden_size=64, depth=0, num_heads=4), "model.depth"),
 ])
 def test_bad_model_config_names_the_field(field, kwargs, match):
     size = kwargs.pop("size")
     with pytest.raises(ValueError, match=match):
         DiTConfig.create(size, **kwargs)
+
+
+def _jvp_loss_and_grads(config, params, x):
+    apply, _ = build_dit(config)
+    t, s = jnp.array([0.9, 0.4]), jnp.array([0.2, 0.1])
+
+    def loss(p):
+        F, dF = jax.jvp(lambda s_: apply(p, x, t, t - s_, jnp.array([1, 3]), 0.5, jvp=True), (s,), (jnp.ones_like(s),))
+        return jnp.mean(F ** 2) + jnp.mean(dF ** 2)
+
+    return jax.jit(jax.value_and_grad(loss))(params), loss
+
+
+PALLAS_TINY = {**TINY, "attention_impl": "pallas"}
+
+
+@pytest.mark.parametrize("remat,save_attention", [("dots", True), ("dots", False), ("block", True)])
+def test_remat_policies_leave_the_jvp_loss_and_gradients_unchanged(remat, save_attention):
+    _, params = build_dit(DiTConfig.create(None, **PALLAS_TINY))
+    params = _random_params(params, jax.random.key(7), scale=0.2)
+    x = jax.random.normal(jax.random.key(8), (2, 8, 8, 3))
+    (ref_loss, ref_grads), _ = _jvp_loss_and_grads(DiTConfig.create(None, **PALLAS_TINY), params, x)
+    config = DiTConfig.create(None, **PALLAS_TINY, remat=remat, save_attention=save_attention)
+    (loss, grads), _ = _jvp_loss_and_grads(config, params, x)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-7)
+    assert sum(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads)) > len(jax.tree.leaves(grads)) // 2
+
+
+@pytest.mark.parametrize("remat", ["dots", "block"])
+def test_save_attention_keeps_the_kernel_outputs_instead_of_recomputing_them(remat):
+    """Under remat the backward needs o, t_o and the row statistics of the fused kernel: with
+    ``save_attention`` (outputs named ``kernels.RESIDUALS_NAME``) they are saved residuals, four
+    more per layer (stacked by the layer scan); without it they are not saved, so the backward
+    would have to re-run the forward kernel."""
+    _, params = build_dit(DiTConfig.create(None, **PALLAS_TINY))
+    x = jax.random.normal(jax.random.key(9), (2, 8, 8, 3))
+    saved = {}
+    for save in (True, False):
+        config = DiTConfig.create(None, **PALLAS_TINY, remat=remat, save_attention=save)
+        _, loss = _jvp_loss_and_grads(config, params, x)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # the public API prints "f32[2,16] output of ... from ..."
+            jax.ad_checkpoint.print_saved_residuals(loss, params)
+        saved[save] = collections.Counter(line.split(" ", 1)[0] for line in out.getvalue().splitlines() if line)
+    b, heads, tokens, depth = 2, TINY["num_heads"], 16, TINY["depth"]
+    o = f"f32[{depth},{b},{tokens},{heads},{TINY['hidden_size'] // heads}]"
+    stats = f"f32[{depth},{b},{heads},{tokens}]"
+    assert saved[True] - saved[False] == collections.Counter({o: 2, stats: 2})
+    assert not saved[False] - saved[True]
+
+
+def test_gelu_tanh_is_the_tanh_gelu_with_its_derivatives():
+    """gelu_tanh computes x (1 + tanh(u)) / 2 as x sigmoid(2u): the same function, first and second
+    derivatives (the training step differentiates the JVP), in float64 to rounding. (The absolute
+    tolerances cover the negative tail, where 1 + tanh(u) cancels and the tanh form is the one
+    that rounds: about |x| * 2e-16.)"""
+    with jax.enable_x64(True):
+        x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 2001), jnp.array([-40.0, 40.0, 0.0])]).astype(jnp.float64)
+        ref = lambda v: jax.nn.gelu(v, approximate=True)  # noqa: E731
+        np.testing.assert_allclose(gelu_tanh(x), ref(x), rtol=1e-13, atol=1e-14)
+        for f in (gelu_tanh, ref):
+            assert f(x).dtype == jnp.float64
+        d1 = lambda f: jax.vmap(jax.grad(f))  # noqa: E731
+        np.testing.assert_allclose(d1(gelu_tanh)(x), d1(ref)(x), rtol=1e-12, atol=1e-13)
+        d2 = lambda f: jax.vmap(jax.grad(jax.grad(f)))  # noqa: E731
+        np.testing.assert_allclose(d2(gelu_tanh)(x), d2(ref)(x), rtol=1e-10, atol=1e-12)
+    x32 = jax.random.normal(jax.random.key(0), (4096,)) * 4
+    with jax.enable_x64(True):
+        exact64 = np.asarray(jax.nn.gelu(jnp.asarray(np.asarray(x32), jnp.float64), approximate=True))
+    np.testing.assert_allclose(gelu_tanh(x32), exact64, rtol=1e-6, atol=1e-7)  # float32 rounding
+    xb = x32.astype(jnp.bfloat16)
+    assert gelu_tanh(xb).dtype == jnp.bfloat16
+    # bf16 in and out, float32 inside: within one bf16 rounding of the exact value
+    exact = jax.nn.gelu(xb.astype(jnp.float32), approximate=True)
+    assert float(jnp.max(jnp.abs(gelu_tanh(xb).astype(jnp.float32) - exact) / (jnp.abs(exact) + 1e-3))) <= 2 ** -8

@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"
     m.attention_impl = "auto"
     m.remat = "none"
+    m.save_attention = True  # under remat, keep the attention kernels' outputs (no re-run in the backward)
     m.mlp_width = 256  # model.type == "mlp" only
     m.mlp_depth = 4
 
@@ -162,7 +163,7 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
         input_size=int(h),
         in_channels=int(ch), patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, num_classes=d.num_classes,
         time_specinit=m.time_specinit, learn_guidance=m.learn_guidance, dtype=m.dtype,
-        attention_impl=m.attention_impl, remat=m.remat,
+        attention_impl=m.attention_impl, remat=m.remat, save_attention=m.save_attention,
     )
     for name in ("mod_norm", "qk_norm", "norm", "init", "hidden_size", "depth", "num_heads"):
         if m.get(name) is not None:

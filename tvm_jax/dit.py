@@ -25,6 +25,9 @@ Design choices (not fixed by the official code):
 * Blocks are stored *stacked* (every block parameter has a leading ``depth`` axis) and run with
   ``jax.lax.scan``; this keeps compile times short for XL models and makes rematerialisation one
   switch (``remat``).
+* Under ``remat``, ``save_attention`` (default on) also keeps the Pallas attention kernels'
+  outputs and row statistics (``kernels.RESIDUALS_NAME``), so the backward does not re-run the
+  forward kernels.
 * Parameters are float32; matmuls run in ``dtype`` (bfloat16 by default) with float32 residual
   stream, norms and conditioning sums; the output is float32. ``dtype="float64"`` (with
   ``jax_enable_x64`` and float64 parameters) runs everything in float64, for derivative checks.
@@ -42,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import RESIDUALS_NAME
 from kernels import attention as attention_op
 
 # name -> (hidden_size, depth, num_heads); patch size 2 for all of them.
@@ -85,6 +89,7 @@ class DiTConfig:
     dtype: str = "bfloat16"
     attention_impl: str = "xla"
     remat: str = "none"
+    save_attention: bool = True
 
     @classmethod
     def create(cls, size: str | None = "XL/2-18h", *, lipschitz: bool = True, **overrides: Any) -> "DiTConfig":
@@ -122,6 +127,8 @@ class DiTConfig:
         need(self.norm in _NORMS, "norm", f"unknown norm {self.norm!r}; choose one of {_NORMS}")
         need(self.init in _INITS, "init", f"unknown init {self.init!r}; choose one of {_INITS}")
         need(self.remat in _REMAT, "remat", f"unknown remat policy {self.remat!r}; choose one of {_REMAT}")
+        need(isinstance(self.save_attention, (bool, np.bool_)), "save_attention",
+             f"must be a bool, got {self.save_attention!r}")
         need(self.dtype in _DTYPES, "dtype", f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
         need(self.attention_impl in _ATTN_IMPLS, "attention_impl",
              f"unknown attention implementation {self.attention_impl!r}; choose one of {_ATTN_IMPLS}")
@@ -235,11 +242,29 @@ class RMSNorm(nnx.Module):
 
 
 def _modulation(out: jax.Array, chunks: int, mod_norm: bool) -> list[jax.Array]:
-    """Split adaLN output (B, chunks*H) into ``chunks`` (B, H) arrays, RMS-normalising each."""
+    """Split adaLN output (B, chunks*H) into ``chunks`` (B, H) arrays, RMS-normalising each.
+
+    The result is tiny (B, chunks, H) but every token reads it; the optimisation barrier makes
+    XLA compute it once, instead of copying the mod-norm reduction into each token-wise fusion
+    that consumes it (where every tile of tokens would redo it)."""
     out = _acc(out).reshape(out.shape[0], chunks, -1)
     if mod_norm:
         out = rms_norm(out)
+    out = jax.lax.optimization_barrier(out)
     return [out[:, i] for i in range(chunks)]
+
+
+_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """tanh-approximate GELU, ``x * (1 + tanh(c (x + 0.044715 x^3))) / 2`` with ``c = sqrt(2/pi)``,
+    as PyTorch's ``gelu(approximate="tanh")``; computed in (at least) float32 through the
+    identity ``(1 + tanh(u)) / 2 = sigmoid(2u)``: one exponential instead of a tanh, and a
+    derivative ``s (1 - s)`` that reuses the sigmoid. Returns x's dtype."""
+    x32 = _acc(x)
+    u2 = x32 * (_GELU_2C + (_GELU_2C * 0.044715) * (x32 * x32))
+    return (x32 * jax.nn.sigmoid(u2)).astype(x.dtype)
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -307,7 +332,7 @@ class MLP(nnx.Module):
         self.fc2 = _linear(config, hidden, config.hidden_size, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class DiTBlock(nnx.Module):
@@ -338,10 +363,16 @@ class FinalLayer(nnx.Module):
         return self.linear(_modulate(self.norm(x), shift, scale))
 
 
-_REMAT_POLICIES = {
-    "block": None,  # recompute everything inside a block
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+def remat_policy(remat: str, save_attention: bool):
+    """The ``jax.checkpoint`` policy of a block: ``"block"`` recomputes everything inside it,
+    ``"dots"`` saves the matmul outputs; ``save_attention`` adds the attention kernels' outputs
+    and row statistics (otherwise the backward re-runs the forward attention kernels)."""
+    cp = jax.checkpoint_policies
+    base = {"block": None, "dots": cp.dots_with_no_batch_dims_saveable}[remat]
+    if not save_attention:
+        return base
+    attention = cp.save_only_these_names(RESIDUALS_NAME)
+    return attention if base is None else cp.save_from_both_policies(base, attention)
 
 
 class DiT(nnx.Module):
@@ -401,7 +432,7 @@ class DiT(nnx.Module):
             return nnx.merge(graphdef, state)(carry, c, jvp=jvp), None
 
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat, cfg.save_attention), prevent_cse=False)
         tokens, _ = jax.lax.scan(body, tokens, block_state)
 
         out = _acc(self.final_layer(tokens, c))
