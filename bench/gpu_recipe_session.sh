@@ -10,12 +10,7 @@
 #   bash bench/gpu_recipe_session.sh f     # 2 GPUs FSDP 2 (6 steps); 512px headline (4 steps) | 512px step at batch 32
 #   bash bench/gpu_recipe_session.sh g     # 2 GPUs, one process per GPU through launch/local.sh
 #   bash bench/gpu_recipe_session.sh d     # 2 GPUs DP at 256px, 8 steps (scaling against c's 1-GPU run); profiled 2-GPU step
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-log() { echo "=== $* $(date +%T)"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv
+source "$(dirname "$0")/gpu_session_common.sh"
 case "${1:-}" in
   a)
     log "phase 1: GPU0 headline 256 | GPU1 train_step 256/512 + profile, sampling"

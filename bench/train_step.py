@@ -20,7 +20,9 @@ data-parallel mesh of all visible devices. For every variant it reports:
 Variants (``--variants``, comma list): ``default`` (the config as given), ``detach_jvp``,
 ``naive`` (the naive DiT: no Lipschitz changes), ``xla_attention``/``pallas_attention`` (force an
 attention implementation), ``remat_dots``/``remat_block`` (rematerialisation policies),
-``remat_none``, ``fsdp`` (parameter sharding over all devices, ``mesh.fsdp = #devices``).
+``remat_none``, ``recompute_attention`` (remat re-runs the forward attention kernels in the
+backward: ``model.save_attention = False``), ``fsdp`` (parameter sharding over all devices,
+``mesh.fsdp = #devices``). ``--set model.remat=none`` etc. change the base config.
 ``--sampling`` also times 1- and 4-step sampling of batch 256 (XL/2-18h, bf16) in ms and img/s
 (with ``--profile``: the 1-step call's device time by op family too).
 
@@ -57,7 +59,18 @@ from tvm_jax.networks import build_network  # noqa: E402
 from tvm_jax.training import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 VARIANTS = ("default", "detach_jvp", "naive", "xla_attention", "pallas_attention", "remat_none", "remat_dots",
-            "remat_block", "fsdp")
+            "remat_block", "recompute_attention", "fsdp")
+
+
+def _parse_override(old, value: str):
+    """``--set`` value in the type of the config entry it replaces (bools by name: bool("False") is True)."""
+    if old is None:
+        return value
+    if isinstance(old, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--set expects true/false for a bool entry, got {value!r}")
+        return value.lower() in ("true", "1")
+    return type(old)(value)
 
 
 def variant_config(base_path: str, variant: str, batch_per_device: int, overrides: list[str]):
@@ -71,7 +84,7 @@ def variant_config(base_path: str, variant: str, batch_per_device: int, override
         parts = key.split(".")
         for p in parts[:-1]:
             node = node[p]
-        node[parts[-1]] = type(node[parts[-1]])(value) if node[parts[-1]] is not None else value
+        node[parts[-1]] = _parse_override(node[parts[-1]], value)
     if variant == "detach_jvp":
         c.objective.detach_jvp = True
     elif variant == "naive":
@@ -86,6 +99,8 @@ def variant_config(base_path: str, variant: str, batch_per_device: int, override
         c.model.remat = "dots"
     elif variant == "remat_block":
         c.model.remat = "block"
+    elif variant == "recompute_attention":
+        c.model.save_attention = False
     elif variant == "fsdp":
         c.mesh.fsdp = n
     elif variant != "default":
@@ -156,7 +171,20 @@ def peak_in_use_mb() -> float | None:
     return stats.get("peak_bytes_in_use", 0) / 2**20 if stats else None
 
 
-def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False) -> dict:
+def save_hlo(compiled, hlo_dir: str | None, name: str) -> None:
+    """The optimised HLO of a compiled function as ``<hlo_dir>/<name>.hlo.txt.gz`` (to read what
+    each fused kernel of a profile computes)."""
+    if not hlo_dir:
+        return
+    import gzip
+
+    os.makedirs(hlo_dir, exist_ok=True)
+    with gzip.open(os.path.join(hlo_dir, f"{name}.hlo.txt.gz"), "wt") as f:
+        f.write(compiled.as_text())
+
+
+def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False, hlo_dir: str | None = None,
+                  name: str = "step") -> dict:
     mesh = shd.make_mesh(config.mesh.fsdp)
     with jax.set_mesh(mesh):
         net = build_network(config, mesh)
@@ -179,6 +207,7 @@ def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False)
         lowered = jitted.lower(state, batches[0])
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
+        save_hlo(compiled, hlo_dir, name)
         for i in range(2):
             state, metrics = compiled(state, batches[i % 3])
         jax.block_until_ready(metrics)
@@ -215,13 +244,14 @@ def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False)
         }
         if prof is not None:
             out["profile"] = {"ms_per_step_by_family": prof["summary"], "top_ops": prof["rows"][:60],
+                              "all_ops": prof["rows"],  # every row: families can be re-derived later
                               "device_ms_per_step": sum(v["ms_per_call"] for v in prof["summary"].values())}
         del state, batches, compiled, lowered
     gc.collect()
     return out
 
 
-def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False) -> dict:
+def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False, hlo_dir: str | None = None) -> dict:
     from tvm_jax.sampling import make_sampler
 
     mesh = shd.make_mesh(1)
@@ -233,6 +263,7 @@ def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False)
         for n in steps_list:
             sampler = make_sampler(net.apply, steps=n, w=config.sample.w, null_label=config.data.num_classes,
                                    scaled=config.objective.scaled_param).lower(net.params, noise, labels).compile()
+            save_hlo(sampler, hlo_dir, f"sampling_{n}step_batch{batch}")
             jax.block_until_ready(sampler(net.params, noise, labels))
             times = []
             for _ in range(10):
@@ -263,6 +294,7 @@ def main(argv=None):
     p.add_argument("--sampling_batch", default="256", help="comma list of sampling batch sizes")
     p.add_argument("--set", action="append", default=[], help="config override a.b=value (repeatable)")
     p.add_argument("--out", default=None)
+    p.add_argument("--hlo_dir", default=None, help="also write each compiled step/sampler's optimised HLO here (gzip)")
     args = p.parse_args(argv)
     if args.steps < 10:
         p.error("--steps must be >= 10")
@@ -279,7 +311,8 @@ def main(argv=None):
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         try:
             cfg = variant_config(args.config, variant, args.batch_per_device, args.set)
-            report["variants"][variant] = bench_variant(cfg, args.steps, args.peak_tflops, args.profile)
+            report["variants"][variant] = bench_variant(cfg, args.steps, args.peak_tflops, args.profile,
+                                                        hlo_dir=args.hlo_dir, name=f"step_{variant}")
         except Exception as e:  # noqa: BLE001  (one failing variant must not lose the others)
             report["variants"][variant] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             traceback.print_exc()
@@ -293,7 +326,8 @@ def main(argv=None):
         report["sampling"] = {}
         for batch in [int(b) for b in args.sampling_batch.split(",")]:
             try:  # a batch that does not fit must not lose the others
-                for name, r in bench_sampling(cfg, batch, profile=args.profile and batch == 256).items():
+                for name, r in bench_sampling(cfg, batch, profile=args.profile and batch == 256,
+                                              hlo_dir=args.hlo_dir).items():
                     report["sampling"][name if batch == 256 else f"{name}_batch{batch}"] = r
             except Exception as e:  # noqa: BLE001
                 report["sampling"][f"batch{batch}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}

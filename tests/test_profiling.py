@@ -34,6 +34,13 @@ def test_op_family_rules():
     assert fam("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN", "custom-call.12", "jit(step)/dot_general") == "matmuls"
     assert fam("gemm_fusion_dot_123", "gemm_fusion_dot.123", "") == "matmuls"
     assert fam("loop_multiply_fusion", "fusion.7", "jit(step)/optimizer/mul") == "optimizer and EMA updates"
+    assert fam("loop_add_fusion", "fusion.9", "jit(step)/scale_by_adam/add") == "optimizer and EMA updates"
+    # remat's recomputation scope contains the letters "ema" but is not an EMA update
+    assert fam("input_add_reduce_fusion_4", "input_add_reduce_fusion.4",
+               "jit(step_fn)/transpose(jvp(jvp()))/while/body/checkpoint/rematted_computation/add") == \
+        "rematerialisation (forward work recomputed in the backward)"
+    assert fam("loop_add_fusion_3", "loop_add_fusion.3", "jit(step_fn)/jvp()/while/body/checkpoint/add") == \
+        "elementwise, reductions and normalisation"
     assert fam("input_reduce_fusion", "fusion.8", "jit(step)/jvp(rms_norm)/reduce_sum") == \
         "elementwise, reductions and normalisation"
     assert fam("cudnn_fmha_fwd", "custom-call.2", "") == "attention (cuDNN)"

@@ -6,6 +6,12 @@ HLO instruction it belongs to and that instruction's JAX name stack from the com
 metadata) with its count and total device time. :func:`summarise` groups the rows into families
 (:func:`op_family`) in milliseconds per call.
 
+Name stacks reach the rows only where the trace names the HLO instruction of each kernel: on a
+GPU, run with XLA's command buffers off (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``), else
+the kernels are reported under the command buffer and only their kernel names are grouped. With
+names, work that rematerialisation recomputes in the backward (JAX's ``rematted_computation``
+scope) is its own family.
+
 Which events count: on a GPU, the kernels on the device planes (``/device:GPU:N``, one event per
 kernel launch, CUPTI's timing); elsewhere, the host threads' XLA thunks that carry an ``hlo_op``
 (this is what the CPU tests exercise). Only the first device plane is read, so a multi-device
@@ -48,13 +54,15 @@ def op_family(kernel: str, hlo_op: str = "", name_stack: str = "") -> str:
             if any(tag in k for tag in tags):
                 return family
         return "attention (other Pallas kernels)"
+    if "rematted_computation" in n:
+        return "rematerialisation (forward work recomputed in the backward)"
     if any(tag in k or tag in h for tag in _CUDNN_ATTENTION):
         return "attention (cuDNN)"
     if any(tag in k or tag in h for tag in _MATMUL):
         return "matmuls"
     if any(tag in k or tag in h for tag in _COPY):
         return "copies, layout changes and collectives"
-    if any(tag in n for tag in _OPTIMIZER):
+    if any(re.search(rf"(?<![a-z]){tag}(?![a-z])", n) for tag in _OPTIMIZER):  # words: not "rematted"
         return "optimizer and EMA updates"
     return "elementwise, reductions and normalisation"
 

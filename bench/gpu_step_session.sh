@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Device-tool calls for the training-step work of issue 14 on a 2-GPU machine (nvidia-h200-x2):
+# GPU 0 and GPU 1 run independent jobs side by side. Every job has its own time limit and writes
+# its JSON under $OUT as soon as it ends, so one slow job cannot lose the others.
+# Usage (after the wheel install line of ../shared/gpu/wheels.sh):
+#   bash bench/gpu_step_session.sh h   # remat keeps the attention kernels' outputs (model.save_attention):
+#                                      # GPU0 256px step before/after (+ profile without command buffers,
+#                                      #      optimised HLO), GPU step-vs-XLA test, sampling HLO
+#                                      # GPU1 512px batch 16 before/after, remat dots and block
+#   bash bench/gpu_step_session.sh i   # after the GELU (sigmoid form) and modulation-barrier changes:
+#                                      # GPU0 256px step + attribution (HLO tarred), sampling + attribution,
+#                                      #      GPU step-vs-XLA test
+#                                      # GPU1 XLA flags that turn off the Triton normalisation fusions
+#                                      #      (sampling, step), 512px batch 16 dots and block
+#   bash bench/gpu_step_session.sh j   # GPU0 native kernel suite (pytest -m gpu kernels), then the 256px step
+#                                      #      and sampling again (the spread of repeated runs)
+#                                      # GPU1 the 512px headline command with save_attention (which
+#                                      #      micro-batch the trainer picks, 2 steps)
+#   bash bench/gpu_step_session.sh k   # attribution profiles (command buffers off, every op row kept):
+#                                      # GPU0 256px batch 32 | GPU1 512px batch 16, remat block then dots
+source "$(dirname "$0")/gpu_session_common.sh"
+case "${1:-}" in
+  h)
+    log "GPU0 256px before/after, attribution profile, GPU test, sampling HLO | GPU1 512px before/after"
+    (CUDA_VISIBLE_DEVICES=1 timeout 170 python3 bench/train_step.py --config configs/in512.py --batch_per_device 16 \
+        --set model.remat=dots --variants default,recompute_attention \
+        --out "$OUT/train_step_in512_dots_save_attention.json" > /tmp/log_512d.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 timeout 170 python3 bench/train_step.py --config configs/in512.py --batch_per_device 16 \
+        --variants default,recompute_attention \
+        --out "$OUT/train_step_in512_block_save_attention.json" > /tmp/log_512b.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/train_step.py --variants default,recompute_attention \
+        --out "$OUT/train_step_in256_save_attention.json" > /tmp/log_256.txt 2>&1
+    # attribution: without CUDA command buffers the trace names each fusion, and the HLO says what it is
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 90 python3 bench/train_step.py \
+        --variants default --profile --hlo_dir "$OUT/hlo" \
+        --out "$OUT/train_step_in256_attribution.json" > /tmp/log_256p.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py \
+        > "$OUT/pytest_gpu_attention_in_step.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 80 python3 bench/train_step.py \
+        --variants "" --sampling --profile --hlo_dir "$OUT/hlo" \
+        --out "$OUT/sampling_in256_attribution.json" > /tmp/log_samp.txt 2>&1
+    wait
+    tail -n 4 /tmp/log_256.txt /tmp/log_256p.txt /tmp/log_samp.txt /tmp/log_512d.txt /tmp/log_512b.txt
+    tail -n 3 "$OUT/pytest_gpu_attention_in_step.log" ;;
+  i)
+    NOCB=--xla_gpu_enable_command_buffer=
+    F1=--xla_gpu_experimental_enable_triton_softmax_priority_fusion=false
+    F2=--xla_gpu_experimental_enable_triton_heroless_priority_fusion=false
+    log "GPU0 256px step, sampling (+ attribution), GPU test | GPU1 flags on sampling and step, 512px"
+    (CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=$F1 timeout 60 python3 bench/train_step.py --variants "" --sampling \
+        --out "$OUT/sampling_in256_flag_softmax_priority_off.json" > /tmp/log_sf1.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=$F2 timeout 60 python3 bench/train_step.py --variants "" --sampling \
+        --out "$OUT/sampling_in256_flag_heroless_off.json" > /tmp/log_sf2.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=$F1 timeout 60 python3 bench/train_step.py --variants default \
+        --out "$OUT/train_step_in256_flag_softmax_priority_off.json" > /tmp/log_tf1.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 timeout 75 python3 bench/train_step.py --config configs/in512.py --batch_per_device 16 \
+        --set model.remat=dots --variants default --out "$OUT/train_step_in512_dots_gelu.json" > /tmp/log_512d.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 timeout 75 python3 bench/train_step.py --config configs/in512.py --batch_per_device 16 \
+        --variants default --out "$OUT/train_step_in512_block_gelu.json" > /tmp/log_512b.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/train_step.py --variants default \
+        --out "$OUT/train_step_in256_gelu.json" > /tmp/log_256.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/train_step.py --variants "" --sampling \
+        --out "$OUT/sampling_in256_gelu.json" > /tmp/log_samp.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=$NOCB timeout 110 python3 bench/train_step.py --variants default --profile \
+        --sampling --hlo_dir /tmp/hlo --out "$OUT/attribution_in256_gelu.json" > /tmp/log_attr.txt 2>&1
+    tar -C /tmp -czf "$OUT/hlo_in256_gelu.tgz" hlo 2>/dev/null
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py \
+        > "$OUT/pytest_gpu_attention_in_step.log" 2>&1
+    wait
+    tail -n 3 /tmp/log_256.txt /tmp/log_samp.txt /tmp/log_attr.txt /tmp/log_sf1.txt /tmp/log_sf2.txt /tmp/log_tf1.txt \
+        /tmp/log_512d.txt /tmp/log_512b.txt
+    tail -n 3 "$OUT/pytest_gpu_attention_in_step.log" ;;
+  j)
+    log "GPU0 kernel suite, 256px step and sampling repeat | GPU1 512px headline"
+    (CUDA_VISIBLE_DEVICES=1 timeout 335 python3 bench/recipe_run.py --config configs/in512.py --steps 2 --timeout 330 \
+        --out "$OUT/recipe_in512_save_attention.json" > /tmp/log_r512.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m pytest -q -rs -m gpu kernels > "$OUT/pytest_gpu_kernels.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/train_step.py --variants default \
+        --out "$OUT/train_step_in256_repeat.json" > /tmp/log_256.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/train_step.py --variants "" --sampling \
+        --out "$OUT/sampling_in256_repeat.json" > /tmp/log_samp.txt 2>&1
+    wait
+    tail -n 3 "$OUT/pytest_gpu_kernels.log" /tmp/log_256.txt /tmp/log_samp.txt /tmp/log_r512.txt ;;
+  k)
+    NOCB=--xla_gpu_enable_command_buffer=
+    log "attribution: GPU0 256px | GPU1 512px block, dots"
+    (CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=$NOCB timeout 110 python3 bench/train_step.py --config configs/in512.py \
+        --batch_per_device 16 --variants default --profile \
+        --out "$OUT/attribution_in512_block.json" > /tmp/log_a512b.txt 2>&1;
+     CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=$NOCB timeout 110 python3 bench/train_step.py --config configs/in512.py \
+        --batch_per_device 16 --set model.remat=dots --variants default --profile \
+        --out "$OUT/attribution_in512_dots.json" > /tmp/log_a512d.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=$NOCB timeout 100 python3 bench/train_step.py --variants default --profile \
+        --out "$OUT/attribution_in256.json" > /tmp/log_a256.txt 2>&1
+    wait
+    tail -n 2 /tmp/log_a256.txt /tmp/log_a512b.txt /tmp/log_a512d.txt ;;
+  *) echo "usage: $0 h|i|j|k" >&2; exit 2 ;;
+esac
+log done
