@@ -21,7 +21,7 @@ from tvm_jax.config import RAW_MEAN_256, RAW_STD_256, base_config
 def get_config():
     c = base_config()
     c.model.size = "XL/2-18h"
-    # Measured at 32/GPU (bench/NOTES.md): H200 dots 257.6 ms (35 GB), block 287.4, none 315.9 (103 GB);
+    # Measured at 32/GPU (bench/NOTES.md): H200 dots 250.6 ms (36 GB), earlier code: dots 257.6, block 287.4, none 315.9 (103 GB);
     # H100 dots 308 ms, none out of memory.
     c.model.remat = "dots"
     c.model.time_specinit = True
