@@ -18,6 +18,8 @@
 #                                      #      micro-batch the trainer picks, 2 steps)
 #   bash bench/gpu_step_session.sh k   # attribution profiles (command buffers off, every op row kept):
 #                                      # GPU0 256px batch 32 | GPU1 512px batch 16, remat block then dots
+#   bash bench/gpu_step_session.sh l   # the 512px headline command, 3 steps: GPU0 save_attention on
+#                                      # (micro-batch 64) | GPU1 off (micro-batch 128)
 source "$(dirname "$0")/gpu_session_common.sh"
 case "${1:-}" in
   h)
@@ -94,6 +96,14 @@ case "${1:-}" in
         --out "$OUT/attribution_in256.json" > /tmp/log_a256.txt 2>&1
     wait
     tail -n 2 /tmp/log_a256.txt /tmp/log_a512b.txt /tmp/log_a512d.txt ;;
-  *) echo "usage: $0 h|i|j|k" >&2; exit 2 ;;
+  l)
+    log "512px headline: GPU0 save_attention on | GPU1 off"
+    (CUDA_VISIBLE_DEVICES=1 timeout 425 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 420 \
+        --set model.save_attention=false --out "$OUT/recipe_in512_recompute_attention.json" > /tmp/log_off.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 425 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 420 \
+        --out "$OUT/recipe_in512_save_attention.json" > /tmp/log_on.txt 2>&1
+    wait
+    tail -n 1 /tmp/log_on.txt /tmp/log_off.txt ;;
+  *) echo "usage: $0 h|i|j|k|l" >&2; exit 2 ;;
 esac
 log done

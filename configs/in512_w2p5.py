@@ -20,9 +20,9 @@ from tvm_jax.config import RAW_MEAN_512, RAW_STD_512, base_config
 def get_config():
     c = base_config()
     c.model.size = "XL/2-18h"
-    # Measured on an H200 (bench/NOTES.md): "block" fits micro-batches of 128 (64 with the attention
-    # outputs kept, model.save_attention, the default) and runs the recipe at 29.7 img/s (one step at
-    # 31.7 with 64); "dots" is faster at batch 16 (539.6 vs 585.2 ms) but needs 53.5 GiB there.
+    # Measured on an H200 (bench/NOTES.md): "block" with the attention outputs kept (model.save_attention,
+    # the default) fits micro-batches of 64 and runs the recipe at 30.8 img/s (30.4 without them, at 128);
+    # "dots" is faster at batch 16 (539.6 vs 585.2 ms) but needs 53.5 GiB there.
     c.model.remat = "block"
     c.model.time_specinit = False
     c.objective.w = 2.5
