@@ -20,6 +20,9 @@
 #                                      # GPU0 256px batch 32 | GPU1 512px batch 16, remat block then dots
 #   bash bench/gpu_step_session.sh l   # the 512px headline command, 3 steps: GPU0 save_attention on
 #                                      # (micro-batch 64) | GPU1 off (micro-batch 128)
+#   bash bench/gpu_step_session.sh m   # XLA flags aimed at the step's copies (dynamic-update-slice memcpys
+#                                      # into the scan's stacked residuals) and fusion tiling, each in its
+#                                      # own process: GPU0 256px step + sampling | GPU1 512px batch 16 dots
 source "$(dirname "$0")/gpu_session_common.sh"
 case "${1:-}" in
   h)
@@ -104,6 +107,24 @@ case "${1:-}" in
         --out "$OUT/recipe_in512_save_attention.json" > /tmp/log_on.txt 2>&1
     wait
     tail -n 1 /tmp/log_on.txt /tmp/log_off.txt ;;
-  *) echo "usage: $0 h|i|j|k|l" >&2; exit 2 ;;
+  m)
+    # name=flags pairs; "base" runs without flags. Each JSON records its XLA_FLAGS.
+    FLAGS=("base=" "dsf=--xla_gpu_enable_dynamic_slice_fusion=true"
+           "dbuf=--xla_gpu_enable_while_loop_double_buffering=true"
+           "blr=--xla_gpu_experimental_enable_fusion_block_level_rewriter=true")
+    log "XLA flags: GPU0 256px step + sampling | GPU1 512px dots"
+    (for nf in "${FLAGS[@]}"; do n=${nf%%=*}; f=${nf#*=}
+       CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=$f timeout 100 python3 bench/train_step.py --config configs/in512.py \
+         --batch_per_device 16 --set model.remat=dots --variants default \
+         --out "$OUT/flags_in512_dots_$n.json" > /tmp/log_512_$n.txt 2>&1; done) &
+    for nf in "${FLAGS[@]}" "unroll=--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL"; do
+      n=${nf%%=*}; f=${nf#*=}
+      CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=$f timeout 110 python3 bench/train_step.py --variants default --sampling \
+        --sampling_batch 256 --out "$OUT/flags_in256_$n.json" > /tmp/log_256_$n.txt 2>&1
+    done
+    wait
+    for f in /tmp/log_256_*.txt /tmp/log_512_*.txt; do echo "--- $f"; tail -n 4 "$f"; done
+    cd "$OUT" && tar -czf flags.tgz flags_*.json && rm flags_*.json ;;
+  *) echo "usage: $0 h|i|j|k|l|m" >&2; exit 2 ;;
 esac
 log done

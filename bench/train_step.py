@@ -303,6 +303,7 @@ def main(argv=None):
         "gpu": jax.devices()[0].device_kind, "num_devices": len(jax.devices()),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jax_version": jax.__version__, "command": " ".join(sys.argv), "config": os.path.relpath(args.config, ROOT),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "batch_per_device": args.batch_per_device, "flops_source": "analytic model FLOPs (dit_forward_flops x TVM_PASSES x global batch; no "
                         "rematerialisation); xla_cost_analysis_flops is XLA's count for reference only (it "
                         "counts a scan body once and cannot see inside Pallas kernels)",
