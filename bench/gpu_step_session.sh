@@ -23,6 +23,14 @@
 #   bash bench/gpu_step_session.sh m   # XLA flags aimed at the step's copies (dynamic-update-slice memcpys
 #                                      # into the scan's stacked residuals) and fusion tiling, each in its
 #                                      # own process: GPU0 256px step + sampling | GPU1 512px batch 16 dots
+#   bash bench/gpu_step_session.sh n   # attention_qkv (q/k norms inside the plain forward kernel) A/B:
+#                                      # GPU0 256px step + sampling, code before (.baseline/src.tgz, a git
+#                                      #      archive of the parent commit, carried, not committed) and
+#                                      #      after, alternating, twice
+#                                      #      then the sampling attribution without command buffers
+#                                      # GPU1 native qkv kernel tests, GPU step-vs-XLA test
+#   bash bench/gpu_step_session.sh o   # the native kernel suite (pytest -m gpu kernels), split over the
+#                                      # two GPUs by test name; the two logs are joined afterwards
 source "$(dirname "$0")/gpu_session_common.sh"
 case "${1:-}" in
   h)
@@ -125,6 +133,33 @@ case "${1:-}" in
     wait
     for f in /tmp/log_256_*.txt /tmp/log_512_*.txt; do echo "--- $f"; tail -n 4 "$f"; done
     cd "$OUT" && tar -czf flags.tgz flags_*.json && rm flags_*.json ;;
-  *) echo "usage: $0 h|i|j|k|l|m" >&2; exit 2 ;;
+  n)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/src.tgz || exit 1
+    log "A/B attention_qkv: GPU0 step + sampling before/after x2, sampling attribution | GPU1 GPU tests"
+    (CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py -k qkv \
+        > "$OUT/pytest_gpu_qkv.log" 2>&1;
+     CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m pytest -q -m gpu tests/test_attention_in_step.py \
+        > "$OUT/pytest_gpu_attention_in_step.log" 2>&1) &
+    for rep in 1 2; do
+      CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/base:/tmp/site timeout 100 python3 /tmp/base/bench/train_step.py \
+        --variants default --sampling --out "$OUT/qkv_before_$rep.json" > /tmp/log_before_$rep.txt 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout 100 python3 bench/train_step.py --variants default --sampling \
+        --out "$OUT/qkv_after_$rep.json" > /tmp/log_after_$rep.txt 2>&1
+    done
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 80 python3 bench/train_step.py \
+        --variants "" --sampling --profile --out "$OUT/sampling_qkv_attribution.json" > /tmp/log_prof.txt 2>&1
+    wait
+    for f in /tmp/log_before_*.txt /tmp/log_after_*.txt /tmp/log_prof.txt; do echo "--- $f"; tail -n 4 "$f"; done
+    tail -n 3 "$OUT/pytest_gpu_qkv.log" "$OUT/pytest_gpu_attention_in_step.log"
+    cd "$OUT" && tar -czf qkv.tgz qkv_*.json && rm qkv_*.json ;;
+  o)
+    log "native kernel suite: GPU0 plain, cuDNN, auto | GPU1 tangent, grad of jvp, qkv"
+    (CUDA_VISIBLE_DEVICES=1 timeout 400 python3 -m pytest -q -rs -m gpu kernels -k "tangent or grad_of_jvp or qkv" \
+        > "$OUT/pytest_gpu_kernels_gpu1.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 400 python3 -m pytest -q -rs -m gpu kernels -k "not (tangent or grad_of_jvp or qkv)" \
+        > "$OUT/pytest_gpu_kernels_gpu0.log" 2>&1
+    wait
+    tail -n 4 "$OUT/pytest_gpu_kernels_gpu0.log" "$OUT/pytest_gpu_kernels_gpu1.log" ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o" >&2; exit 2 ;;
 esac
 log done

@@ -112,6 +112,25 @@ def _check_impl(impl) -> str:
     return impl
 
 
+def _check_jvp(jvp) -> None:
+    if not isinstance(jvp, (bool, np.bool_)):
+        raise ValueError(f"jvp must be a bool, got {jvp!r}")
+
+
+def _choose(impl: str, q_len: int, kv_len: int, head_dim: int, dtype, jvp: bool) -> str:
+    """The implementation that runs a call: ``impl`` itself, or auto's per-shape choice. A
+    cuDNN call it cannot take raises ``ValueError`` naming the reason."""
+    cudnn_reason = None
+    if impl in ("cudnn", "auto"):
+        cudnn_reason = _cudnn.unsupported_reason(q_len, kv_len, head_dim, dtype, jvp=jvp)
+    if impl == "cudnn" and cudnn_reason:
+        raise ValueError(f"impl='cudnn' {cudnn_reason}")
+    if impl == "auto":
+        mode = "jvp" if jvp else "plain"
+        impl = _auto.choose_impl(mode, max(q_len, kv_len), head_dim, dtype, cudnn=cudnn_reason is None)
+    return impl
+
+
 # ----------------------------------------------------------------------------- padding
 
 
@@ -163,15 +182,17 @@ def _mesh_batch_axes():
     return mesh, axes
 
 
-def _batch_sharded(fn, args, n_out: int):
-    """Runs fn(*args) with the batch dim split over all non-manual mesh axes (if a mesh is set).
+def _batch_sharded(fn, args, n_out: int, replicated=()):
+    """Runs fn(*args, *replicated) with the batch dim of ``args`` split over all non-manual mesh
+    axes (if a mesh is set); ``replicated`` arrays (e.g. norm weights) go to every device whole.
 
     A pallas_call is an opaque custom call that the SPMD partitioner would replicate, so the
     kernels run under ``jax.shard_map`` on per-device batch shards instead.
     """
+    replicated = tuple(replicated)
     mesh, axes = _mesh_batch_axes()
     if not axes:
-        return fn(*args)
+        return fn(*args, *replicated)
     n = math.prod(mesh.shape[a] for a in axes)
     batch = args[0].shape[0]
     if batch % n:
@@ -180,20 +201,22 @@ def _batch_sharded(fn, args, n_out: int):
             f"{axes}; the Pallas kernels shard the batch dimension over all mesh axes"
         )
     spec = jax.sharding.PartitionSpec(axes)
+    whole = jax.sharding.PartitionSpec()
     out_specs = spec if n_out == 1 else (spec,) * n_out
     explicit = jax.sharding.AxisType.Explicit
     if any(t == explicit for n, t in zip(mesh.axis_names, mesh.axis_types) if n in axes):
         # Explicit axes: the sharding is part of the type and shard_map checks it; move the
         # batch onto the mesh first (a local slice when the input is replicated).
         args = tuple(jax.reshard(a, spec) for a in args)
+        replicated = tuple(jax.reshard(a, whole) for a in replicated)
     return jax.shard_map(
         fn,
         mesh=mesh,
-        in_specs=(spec,) * len(args),
+        in_specs=(spec,) * len(args) + (whole,) * len(replicated),
         out_specs=out_specs,
         axis_names=frozenset(axes),
         check_vma=False,
-    )(*args)
+    )(*args, *replicated)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -244,23 +267,13 @@ def attention(
     (``jax.set_mesh``), the Pallas path wraps itself in ``jax.shard_map`` over the batch dim.
     """
     impl = _check_impl(impl)
-    if not isinstance(jvp, (bool, np.bool_)):
-        raise ValueError(f"jvp must be a bool, got {jvp!r}")
+    _check_jvp(jvp)
     q, k, v = _check_arrays(("q", "k", "v"), (q, k, v), pallas=impl == "pallas")
     head_dim = q.shape[3]
     scale = _resolve_scale(scale, head_dim)
-    cudnn_reason = None
-    if impl in ("cudnn", "auto"):
-        cudnn_reason = _cudnn.unsupported_reason(q.shape[1], k.shape[1], head_dim, q.dtype, jvp=jvp)
-    if impl == "cudnn" and cudnn_reason:
-        raise ValueError(f"impl='cudnn' {cudnn_reason}")
-    if impl == "auto":
-        mode = "jvp" if jvp else "plain"
-        impl = _auto.choose_impl(
-            mode, max(q.shape[1], k.shape[1]), head_dim, q.dtype, cudnn=cudnn_reason is None
-        )
-        if impl == "pallas":
-            _check_arrays(("q", "k", "v"), (q, k, v), pallas=True)
+    impl = _choose(impl, q.shape[1], k.shape[1], head_dim, q.dtype, jvp)
+    if impl == "pallas":
+        _check_arrays(("q", "k", "v"), (q, k, v), pallas=True)
     if impl == "xla":
         return attention_xla(q, k, v, scale=scale)
     if impl == "cudnn":
@@ -317,3 +330,107 @@ def flash_with_tangent(
         return _unpad(o, q.shape[1], head_dim), _unpad(to, q.shape[1], head_dim)
 
     return _batch_sharded(run, (q, k, v, tq, tk, tv), 2)
+
+
+def _check_qkv(qkv, q_norm_weight, k_norm_weight, bias):
+    qkv = _as_array(qkv, "qkv")
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(
+            f"qkv must have shape (batch, seq, 3, heads, head_dim) (q, k, v stacked on axis 2), "
+            f"got shape {tuple(qkv.shape)}"
+        )
+    if not jnp.issubdtype(qkv.dtype, jnp.floating):
+        raise ValueError(f"qkv must have a floating dtype, got {qkv.dtype}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("give both q_norm_weight and k_norm_weight, or neither (no q/k norm)")
+    heads, dim = qkv.shape[3], qkv.shape[4]
+    out = []
+    for name, w, shape in (("q_norm_weight", q_norm_weight, (dim,)), ("k_norm_weight", k_norm_weight, (dim,)),
+                           ("bias", bias, (3, heads, dim))):
+        if w is not None:
+            w = _as_array(w, name)
+            if w.size != math.prod(shape) or (w.ndim > 1 and w.shape != shape):
+                want = "(head_dim,)" if name != "bias" else "(3, heads, head_dim) or (3 * heads * head_dim,)"
+                raise ValueError(f"{name} must have shape {want} = {shape}, got {tuple(w.shape)}")
+            if not jnp.issubdtype(w.dtype, jnp.floating):
+                raise ValueError(f"{name} must have a floating dtype, got {w.dtype}")
+            w = w.reshape(shape)
+        out.append(w)
+    return qkv, out
+
+
+def attention_qkv(
+    qkv,
+    q_norm_weight=None,
+    k_norm_weight=None,
+    *,
+    bias=None,
+    eps: float = 1e-6,
+    scale: Optional[float] = None,
+    impl: str = "auto",
+    jvp: bool = False,
+    interpret: Optional[bool] = None,
+    block_sizes: Optional[AttentionConfig] = None,
+):
+    """Self-attention of a fused qkv projection: its bias, learnable q/k RMS norms, attention.
+
+    Args:
+      qkv: (B, S, 3, H, D): q, k, v stacked on axis 2 (a qkv projection's output reshaped).
+      q_norm_weight, k_norm_weight: (D,) weights of the RMS norms of q and k over the head dim
+        (``x * rsqrt(mean(x^2) + eps) * weight`` in float32, cast back to qkv's dtype:
+        :func:`kernels.reference.qk_rms_norm`), or both ``None`` for no norm.
+      bias: the projection's bias, (3, H, D) or flat (3 * H * D,), added to qkv first in qkv's
+        dtype (as a Linear layer adds it), or ``None``.
+      eps, scale, impl, jvp, interpret, block_sizes: as in :func:`attention`.
+
+    Returns:
+      (B, S, H, D) array with qkv's dtype: ``attention(norm(q + b_q), norm(k + b_k), v + b_v)``.
+
+    Where the call runs the Pallas kernels in plain mode (``jvp=False``), one Pallas pass adds
+    the bias, normalises q and k and writes q, k, v (no XLA slices, bias add or norm fusions;
+    with neither bias nor norm the forward kernel reads q, k, v in place); the backward (a
+    ``custom_vjp``) recomputes that prologue with XLA and runs the plain backward kernels.
+    Every other case (``jvp=True``, XLA, cuDNN) applies the prologue with XLA and calls
+    :func:`attention`, so the result is the same function everywhere.
+    """
+    impl = _check_impl(impl)
+    _check_jvp(jvp)
+    qkv, (wq, wk, bias) = _check_qkv(qkv, q_norm_weight, k_norm_weight, bias)
+    bias = None if bias is None else bias.astype(qkv.dtype)
+    b, seq, _, heads, head_dim = qkv.shape
+    try:
+        eps = float(eps)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError("eps must be a static Python number (not a traced array)") from e
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    pro = _flash.QKVPrologue(bias=bias is not None, norm=wq is not None, eps=eps, head_dim=head_dim)
+    chosen = _choose(impl, seq, seq, head_dim, qkv.dtype, jvp)
+    if chosen != "pallas" or jvp:
+        q, k, v = _flash.split_qkv(qkv, bias, wq, wk, pro)
+        return attention(
+            q, k, v, scale=scale, impl=chosen, jvp=jvp, interpret=interpret, block_sizes=block_sizes
+        )
+    one = jax.ShapeDtypeStruct((b, seq, heads, head_dim), qkv.dtype)
+    _check_arrays(("q", "k", "v"), (one,) * 3, pallas=True)  # dtype, head dim, non-empty
+    scale = _resolve_scale(scale, head_dim)
+    interpret = _resolve_interpret(interpret)
+    cfg = _resolve_config(block_sizes, head_dim, qkv.dtype)
+    st, q_pad, k_pad, d_pad = _plan(seq, seq, head_dim, cfg, _PLAIN_KERNELS, scale, interpret, qkv.dtype)
+    seq_pad = max(q_pad, k_pad)  # one array holds q and k: pad both to the larger multiple
+    # Operands the prologue does not use are zeros (never read for the norm weights; an exact
+    # +0 for the bias, which is only added when given).
+    wq = jnp.zeros((head_dim,), jnp.float32) if wq is None else wq
+    wk = jnp.zeros((head_dim,), jnp.float32) if wk is None else wk
+    bias = jnp.zeros((3, heads, head_dim), qkv.dtype) if bias is None else bias
+
+    def run(qkv, bias, wq, wk):
+        ps, pd = seq_pad - seq, d_pad - head_dim
+        if ps or pd:
+            qkv = jnp.pad(qkv, ((0, 0), (0, ps), (0, 0), (0, 0), (0, pd)))
+            bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pd)))
+            wq, wk = (jnp.pad(w, (0, pd)) for w in (wq, wk))
+        o = _flash.flash_qkv(qkv, bias, wq.astype(jnp.float32), wk.astype(jnp.float32), st, pro)
+        return _unpad(o, seq, head_dim)
+
+    return _batch_sharded(run, (qkv,), 1, replicated=(bias, wq, wk))

@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.config import AttentionConfig, KernelConfig
+from kernels.reference import qk_rms_norm
 
 _LOG2E = math.log2(math.e)
 # Name of the values the kernels' backward needs from their forward (outputs and row
@@ -211,6 +212,99 @@ def fwd_call(q, k, v, st: Static):
         interpret=st.interpret,
         name="tvm_flash_fwd",
     )(q, k, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class QKVPrologue:
+    """What happens to a qkv projection's output before attention (hashable: a nondiff arg):
+    ``bias``: a (3, H, D) bias is added (in qkv's dtype, as a Linear layer adds it);
+    ``norm``: q and k get the model's learnable RMS norm over the head dim
+    (:func:`kernels.reference.qk_rms_norm`, weights (D,), ``eps``)."""
+
+    bias: bool
+    norm: bool
+    eps: float = 1e-6
+    head_dim: int = 0  # true head dim: the mean square's divisor (padded columns are zero)
+
+    @property
+    def identity(self) -> bool:
+        return not (self.bias or self.norm)
+
+
+def _qkv_slot_spec(slot: int, block: int, dim: int):
+    """Rows of one of q/k/v (slot 0/1/2) of a (batch, seq, 3, heads, dim) qkv array, one block
+    of ``block`` rows at grid index i."""
+    return pl.BlockSpec((_SQ, block, _SQ, _SQ, dim), lambda i, b, h: (b, i, slot, h, 0))
+
+
+def _qkv_slot_all_spec(slot: int, seq: int, dim: int):
+    return pl.BlockSpec((_SQ, seq, _SQ, _SQ, dim), lambda i, b, h: (b, 0, slot, h, 0))
+
+
+def _bias_spec(slot: int, dim: int):
+    """One head's row of slot 0/1/2 of a (3, heads, dim) bias."""
+    return pl.BlockSpec((_SQ, _SQ, dim), lambda i, b, h: (slot, h, 0))
+
+
+def _add_bias(x, b):
+    """x + b rounded to x's dtype once (what XLA computes for a bf16 Linear's bias add)."""
+    return (x.astype(_F32) + b.astype(_F32)[None, :]).astype(x.dtype)
+
+
+def _split_qkv_kernel(q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref, wq_ref, wk_ref, qo_ref, ko_ref, vo_ref, *, pro):
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    if pro.bias:
+        q, k, v = _add_bias(q, bq_ref[...]), _add_bias(k, bk_ref[...]), _add_bias(v, bv_ref[...])
+    if pro.norm:
+        q = qk_rms_norm(q, wq_ref[...], eps=pro.eps, dim=pro.head_dim)
+        k = qk_rms_norm(k, wk_ref[...], eps=pro.eps, dim=pro.head_dim)
+    qo_ref[...], ko_ref[...], vo_ref[...] = q, k, v
+
+
+_SPLIT_ROWS = 128  # rows per program of the split kernel (fewer when the sequence is shorter)
+_SPLIT_WARPS = 4
+
+
+def split_qkv_call(qkv, bias, wq, wk, pro: QKVPrologue, interpret: bool):
+    """(q, k, v), each (B, S, H, D), of a (B, S, 3, H, D) qkv array with the prologue applied
+    (bias (3, H, D) added; q, k RMS-normalised with the weights wq, wk (D,)), in one memory
+    pass: each program reads a block of rows of one head straight from qkv. (XLA's fusion of
+    the same norm tiles one head of a few hundred tokens at a time and ran at a third of the
+    memory rate, and the bias add and the v slice were passes of their own.)"""
+    b, s, _, h, d = qkv.shape
+    rows = math.gcd(s, _SPLIT_ROWS)  # s is a multiple of a power of two >= 16
+    out = pl.BlockSpec((_SQ, rows, _SQ, d), lambda i, b, h: (b, i, h, 0))
+    bias_spec = [_bias_spec(j, d) for j in range(3)]
+    weight = pl.BlockSpec((d,), lambda i, b, h: (0,))
+    o_shape = _like(qkv, lambda a: a[:, :, 0])
+    return pl.pallas_call(
+        functools.partial(_split_qkv_kernel, pro=pro),
+        grid=(s // rows, b, h),
+        in_specs=[_qkv_slot_spec(j, rows, d) for j in range(3)] + bias_spec + [weight, weight],
+        out_specs=[out, out, out],
+        out_shape=[o_shape] * 3,
+        compiler_params=plgpu.CompilerParams(num_warps=_SPLIT_WARPS, num_stages=1),
+        interpret=interpret,
+        name="tvm_split_qkv",
+    )(qkv, qkv, qkv, bias, bias, bias, wq, wk)
+
+
+def fwd_qkv_call(qkv, st: Static):
+    """Plain forward reading q, k and v in place from a (B, S, 3, H, D) qkv array (no slicing
+    copies). Returns (o (B, S, H, D), lse2 (B, H, S) fp32)."""
+    kc = st.cfg.fwd
+    b, s, _, h, d = qkv.shape
+    o_shape = _like(qkv, lambda a: a[:, :, 0])
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, kc=kc),
+        grid=(s // kc.block_q, b, h),
+        in_specs=[_qkv_slot_spec(0, kc.block_q, d), _qkv_slot_all_spec(1, s, d), _qkv_slot_all_spec(2, s, d)],
+        out_specs=[_rows_spec(kc.block_q, d), _stat_rows_spec(kc.block_q)],
+        out_shape=[o_shape, _stat_shape(o_shape)],
+        compiler_params=_params(kc),
+        interpret=st.interpret,
+        name="tvm_flash_fwd_qkv",
+    )(qkv, qkv, qkv)
 
 
 # ----------------------------------------------------------------------------- plain backward
@@ -547,6 +641,52 @@ def _flash_bwd(st, res, do):
 
 
 flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def split_qkv(qkv, bias, wq, wk, pro: QKVPrologue):
+    """The XLA form of :func:`split_qkv_call`: (q, k, v) of a (B, S, 3, H, D) qkv array with the
+    prologue applied."""
+    if pro.bias:
+        qkv = qkv + bias.astype(qkv.dtype)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if pro.norm:
+        q = qk_rms_norm(q, wq, eps=pro.eps, dim=pro.head_dim)
+        k = qk_rms_norm(k, wk, eps=pro.eps, dim=pro.head_dim)
+    return q, k, v
+
+
+def _qkv_forward(qkv, bias, wq, wk, st, pro):
+    if pro.identity:
+        return fwd_qkv_call(qkv, st)
+    return fwd_call(*split_qkv_call(qkv, bias, wq, wk, pro, st.interpret), st)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def flash_qkv(qkv, bias, wq, wk, st: Static, pro: QKVPrologue):
+    """Plain flash attention of a padded (B, S, 3, H, D) qkv array after its prologue (bias,
+    q/k norms: one Pallas pass; with neither, q, k, v are read in place). Reverse-differentiable
+    in qkv, bias and both norm weights: the backward recomputes the prologue (XLA) and runs the
+    plain backward kernels."""
+    return _qkv_forward(qkv, bias, wq, wk, st, pro)[0]
+
+
+def _flash_qkv_fwd(qkv, bias, wq, wk, st, pro):
+    o, lse = _saveable(*_qkv_forward(qkv, bias, wq, wk, st, pro))
+    return o, (qkv, bias, wq, wk, o, lse)
+
+
+def _flash_qkv_bwd(st, pro, res, do):
+    qkv, bias, wq, wk, o, lse = res
+    (q, k, v), split_vjp = jax.vjp(lambda *a: split_qkv(*a, pro), qkv, bias, wq, wk)
+    grads = bwd_call(q, k, v, o, lse, do.astype(o.dtype), st)
+    # Rows past the true length are padding. The kernels leave garbage in the padded key rows of
+    # dk, dv (their p is not masked there) and callers drop those rows; here the bias is added
+    # to every row, so its gradient would sum them: zero them first.
+    real = (jnp.arange(qkv.shape[1]) < st.q_len)[None, :, None, None]
+    return split_vjp(tuple(jnp.where(real, g, jnp.zeros((), g.dtype)) for g in grads))
+
+
+flash_qkv.defvjp(_flash_qkv_fwd, _flash_qkv_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

@@ -23,3 +23,14 @@ def attention_xla(q, k, v, *, scale: float):
 def tangent_xla(q, k, v, tq, tk, tv, *, scale: float):
     """(o, t_o) by JAX forward-mode autodiff of :func:`attention_xla`."""
     return jax.jvp(lambda a, b, c: attention_xla(a, b, c, scale=scale), (q, k, v), (tq, tk, tv))
+
+
+def qk_rms_norm(x, weight, *, eps: float, dim: int):
+    """The model's learnable RMSNorm of q or k over the last axis: ``x * rsqrt(mean(x^2) + eps)
+    * weight`` in (at least) float32, returned in x's dtype. ``dim`` is the true head dim (the
+    mean's divisor), so zero-padded columns leave the result unchanged. Used by the XLA path,
+    by the forward kernel on each loaded tile, and by that kernel's backward."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    x32 = x.astype(acc)
+    mean_sq = jnp.sum(x32 * x32, axis=-1, keepdims=True) / dim
+    return (x32 * jax.lax.rsqrt(mean_sq + eps) * weight.astype(acc)).astype(x.dtype)

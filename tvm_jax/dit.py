@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import RESIDUALS_NAME
-from kernels import attention as attention_op
+from kernels import attention_qkv
 
 # name -> (hidden_size, depth, num_heads); patch size 2 for all of them.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -180,6 +180,14 @@ def _linear(config: DiTConfig, d_in: int, d_out: int, rngs: nnx.Rngs, kernel_ini
         kernel_init=kernel_init or _matrix_init(config), bias_init=_zeros,
         dtype=config.compute_dtype, param_dtype=jnp.float32, rngs=rngs,
     )
+
+
+def _matmul_and_bias(linear: nnx.Linear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``linear(x)`` as (x @ kernel, bias) without adding them: the same dtype promotion and
+    dot as ``nnx.Linear.__call__``, for a consumer that adds the bias itself."""
+    inputs, kernel, bias = linear.promote_dtype((x, linear.kernel[...], linear.bias[...]), dtype=linear.dtype)
+    y = linear.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=linear.precision)
+    return y, bias
 
 
 # ----------------------------------------------------------------------------- fixed tables
@@ -317,11 +325,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, jvp: bool = False) -> jax.Array:
         b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        o = attention_op(q, k, v, scale=self.head_dim ** -0.5, impl=self.impl, jvp=jvp)
+        # The qkv Linear's bias and the q/k RMS norms (learnable weights, eps as the RMSNorm
+        # modules) are applied by the attention op: on the plain Pallas path one kernel adds the
+        # bias, normalises q and k and splits q, k, v, instead of three XLA passes.
+        qkv, bias = _matmul_and_bias(self.qkv, x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
+        norms = (None, None) if self.q_norm is None else (self.q_norm.weight[...], self.k_norm.weight[...])
+        eps = 1e-6 if self.q_norm is None else self.q_norm.eps
+        o = attention_qkv(qkv, *norms, bias=bias, eps=eps, scale=self.head_dim ** -0.5, impl=self.impl, jvp=jvp)
         return self.proj(o.reshape(b, n, -1))
 
 

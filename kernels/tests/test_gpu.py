@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kernels import attention, flash_with_tangent
+from kernels.tests import helpers
 from kernels.tests.helpers import assert_close, randn, ref_plain, ref_tangent
 
 pytestmark = pytest.mark.gpu
@@ -154,3 +155,56 @@ def test_native_auto_plain_at_model_shape(dtype):
     assert_close("o", o, o_ref, TOL[dtype] if dtype == jnp.bfloat16 else 2e-3)
     for name, g, gr in zip(("dq", "dk", "dv"), grads, g_ref):
         assert_close(name, g, gr, TOL[dtype] if dtype == jnp.bfloat16 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(2, 256, 4, 64), (1, 1024, 4, 64), (2, 333, 3, 80)], ids=_id)
+def test_native_qkv_with_bias_and_norms(shape, dtype):
+    """attention_qkv's plain Pallas path (split kernel: bias, q/k norms; then the plain kernels):
+    (1) against the float64 XLA composition (bias add, slices, kernels.qk_rms_norm, attention),
+    gradients of the bias and norm weights included; (2) against what it replaces, the Pallas
+    attention on q, k, v made by XLA, which must agree to bf16 rounding.
+
+    bf16 tolerances for (1): the plain backward rounds dS to bf16 before dq = dS k; the bias gives
+    every key a common direction, whose share of dq cancels exactly only in exact arithmetic, and
+    the norm's VJP keeps what is left: observed in interpret mode at 1x1024x4x64 dq 1.7e-2,
+    dwq 3.9e-2, dwk 3.4e-2 (the XLA bf16 path: 4.6e-3 / 5.9e-3 / 5.2e-3), identical to the
+    composition (2); 6e-2 for the norm weights, 3e-2 otherwise."""
+    from kernels import attention_qkv, attention_xla, qk_rms_norm
+    from kernels import flash as flash_mod
+
+    b, s, h, d = shape
+    qkv, do, bias = randn(hash(shape) % 1000 + 7, [(b, s, 3, h, d), shape, (3, h, d)], dtype)
+    rng = np.random.default_rng(3)
+    wq, wk = (jnp.asarray(1.0 + 0.5 * rng.standard_normal(d), jnp.float32) for _ in range(2))
+
+    def composition(qkv, bias, wq, wk, do):
+        def f(a, x, y):
+            q, k = qk_rms_norm(a[:, :, 0], x, eps=1e-6, dim=d), qk_rms_norm(a[:, :, 1], y, eps=1e-6, dim=d)
+            return attention_xla(q, k, a[:, :, 2], scale=d ** -0.5)
+        o, vjp = jax.vjp(f, qkv + bias, wq, wk)
+        dqkv, dwq, dwk = vjp(do)
+        return o, (dqkv, dqkv.sum(axis=(0, 1)), dwq, dwk)
+
+    def with_grads(f):
+        return jax.jit(lambda *a: (lambda o_vjp: (o_vjp[0], o_vjp[1](a[-1])))(jax.vjp(f, *a[:-1])))
+
+    ours = with_grads(lambda a, c, x, y: attention_qkv(a, x, y, bias=c, impl="pallas"))
+    pro = flash_mod.QKVPrologue(bias=True, norm=True, eps=1e-6, head_dim=d)
+    replaced = with_grads(lambda *a: attention(*flash_mod.split_qkv(*a, pro), impl="pallas"))
+    o, grads = ours(qkv, bias, wq, wk, do)
+    o_old, grads_old = replaced(qkv, bias, wq, wk, do)
+    biased = (qkv + bias).astype(dtype)  # the op adds the bias in qkv's dtype
+    with helpers.x64():
+        o_ref, g_ref = _cpu(lambda *a: composition(*(jnp.asarray(x, jnp.float64) for x in a)),
+                            biased, jnp.zeros_like(bias), wq, wk, do)
+    bf16 = dtype == jnp.bfloat16
+    assert_close("o", o, np.asarray(o_ref), TOL[dtype])
+    for name, g, gr in zip(("dqkv", "dbias", "dwq", "dwk"), grads, g_ref):
+        assert_close(name, g, np.asarray(gr), (6e-2 if name in ("dwq", "dwk") else 3e-2) if bf16 else TOL[dtype])
+    # (2) the composition it replaces, run the same way: the split kernel's norm and XLA's may
+    # round a bf16 element differently, nothing more
+    f32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
+    assert_close("o vs replaced", o, f32(o_old), 5e-3 if bf16 else 1e-5)
+    for name, g, gr in zip(("dqkv", "dbias", "dwq", "dwk"), grads, grads_old):
+        assert_close(f"{name} vs replaced", g, f32(gr), 2e-2 if bf16 else 1e-5)
