@@ -31,6 +31,8 @@
 #                                      # GPU1 native qkv kernel tests, GPU step-vs-XLA test
 #   bash bench/gpu_step_session.sh o   # the native kernel suite (pytest -m gpu kernels), split over the
 #                                      # two GPUs by test name; the two logs are joined afterwards
+#   bash bench/gpu_step_session.sh p   # after the qkv split kernel: GPU0 sampling at batch 256 and 1,024
+#                                      # (the largest measured) | GPU1 the 512px step, batch 16, remat dots
 source "$(dirname "$0")/gpu_session_common.sh"
 case "${1:-}" in
   h)
@@ -160,6 +162,14 @@ case "${1:-}" in
         > "$OUT/pytest_gpu_kernels_gpu0.log" 2>&1
     wait
     tail -n 4 "$OUT/pytest_gpu_kernels_gpu0.log" "$OUT/pytest_gpu_kernels_gpu1.log" ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o" >&2; exit 2 ;;
+  p)
+    log "GPU0 sampling 256 and 1024 | GPU1 512px dots"
+    (CUDA_VISIBLE_DEVICES=1 timeout 110 python3 bench/train_step.py --config configs/in512.py --batch_per_device 16 \
+        --set model.remat=dots --variants default --out "$OUT/train_step_in512_dots_split_qkv.json" > /tmp/log_512.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/train_step.py --variants "" --sampling --sampling_batch 256,1024 \
+        --out "$OUT/sampling_h200_split_qkv.json" > /tmp/log_samp.txt 2>&1
+    wait
+    tail -n 5 /tmp/log_samp.txt /tmp/log_512.txt ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p" >&2; exit 2 ;;
 esac
 log done

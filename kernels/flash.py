@@ -25,6 +25,12 @@ Math (per batch and head; ``c`` = softmax scale; all statistics fp32, per query 
 
 Matmul operands are in the input dtype, accumulation in fp32 (``preferred_element_type``);
 fp32 inputs use IEEE fp32 matmuls (``Precision.HIGHEST``, no TF32).
+
+Self-attention of a fused (batch, seq, 3, heads, dim) qkv projection (:func:`flash_qkv`, behind
+``kernels.attention_qkv``): a memory-pass kernel applies the :class:`QKVPrologue` (the
+projection's bias, the q/k RMS norms) and writes q, k, v for the plain kernels above; with no
+prologue the forward kernel reads q, k, v in place through 5-D block specs. The backward
+recomputes the prologue with XLA and zeroes the padded rows' cotangents (the bias reaches them).
 """
 from __future__ import annotations
 

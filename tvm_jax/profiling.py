@@ -30,11 +30,12 @@ import jax
 
 # Families, in the order rows are tested against them (first match wins). Each is a predicate on
 # the row (kernel name, HLO instruction, JAX name stack), all lower-cased.
-_ATTENTION_KERNELS = {  # kernels/flash.py names its pallas_calls tvm_flash_*; tested in this order
+_ATTENTION_KERNELS = {  # kernels/flash.py names its pallas_calls tvm_*; tested in this order
     "attention forward + tangent (JVP)": ("jvp_fwd",),
     "attention backward (JVP)": ("jvp_bwd",),
     "attention forward (plain)": ("flash_fwd", "fwd_kernel"),
     "attention backward (plain)": ("flash_bwd", "bwd_kv", "bwd_q"),
+    "attention prologue (qkv bias, q/k norms, split)": ("split_qkv",),
 }
 _CUDNN_ATTENTION = ("cudnn", "fmha", "flash_attention", "sdpa")
 _MATMUL = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "dot", "matmul", "sm90_", "wgmma")
