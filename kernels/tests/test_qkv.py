@@ -296,3 +296,30 @@ def test_matches_attention_on_the_split_arrays_without_norms():
     o2 = jax.jit(lambda a: attention(a[:, :, 0], a[:, :, 1], a[:, :, 2], **kw))(qkv)
     # same kernel body, same tiles, same inputs: bit for bit
     np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o2, np.float32))
+
+
+def test_vmap_and_an_explicit_mesh():
+    """vmap over a leading axis runs the kernels per slice; under a mesh with Explicit axes the
+    batch is resharded onto the mesh and the bias and weights go whole to every device."""
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    qkv, do = randn(15, [(4, 21, 3, 2, 16), (4, 21, 2, 16)], jnp.float32)
+    bias, wq, wk = randn(16, [(3, 2, 16), (16,), (16,)], jnp.float32)
+    kw = dict(impl="pallas", interpret=True, block_sizes=AttentionConfig.uniform(16, 16))
+    f = lambda a, b, c, d: attention_qkv(a, c, d, bias=b, **kw)  # noqa: E731
+    ref = jax.jit(f)(qkv, bias, wq, wk)
+    out = jax.jit(jax.vmap(lambda a: f(a, bias, wq, wk)))(jnp.stack([qkv, 0.5 * qkv]))
+    assert rel_err(out[0], np.asarray(ref)) <= 1e-6
+    assert rel_err(out[1], np.asarray(jax.jit(f)(0.5 * qkv, bias, wq, wk))) <= 1e-6
+    loss = lambda *a: jnp.sum(f(*a) * do)  # noqa: E731
+    ref_g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(qkv, bias, wq, wk)
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        batch = NamedSharding(mesh, P("data"))
+        sqkv = jax.device_put(qkv, batch)
+        o = jax.jit(f)(sqkv, bias, wq, wk)
+        assert rel_err(o, np.asarray(ref)) <= 1e-6
+        assert o.sharding.is_equivalent_to(batch, o.ndim), o.sharding
+        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(sqkv, bias, wq, wk)
+        for x, y in zip(g, ref_g):
+            assert rel_err(x, np.asarray(y)) <= 1e-6
