@@ -234,21 +234,28 @@ def test_jvp_mode_applies_the_prologue_and_differentiates_like_the_composition()
         assert_close(name, a, np.asarray(b, np.float64), 1e-5)
 
 
-def test_sharded_over_the_batch_with_replicated_bias_and_weights():
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
-    qkv, do = randn(11, [(4, 21, 3, 2, 16), (4, 21, 2, 16)], jnp.float32)
-    bias, wq, wk = randn(12, [(3, 2, 16), (16,), (16,)], jnp.float32)
+def _small_call(seed):
+    qkv, do = randn(seed, [(4, 21, 3, 2, 16), (4, 21, 2, 16)], jnp.float32)
+    bias, wq, wk = randn(seed + 1, [(3, 2, 16), (16,), (16,)], jnp.float32)
     kw = dict(impl="pallas", interpret=True, block_sizes=AttentionConfig.uniform(16, 16))
     f = lambda a, b, c, d: attention_qkv(a, c, d, bias=b, **kw)  # noqa: E731
+    return f, (qkv, bias, wq, wk), do
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_sharded_over_the_batch_with_replicated_bias_and_weights(axis_type):
+    """Under a mesh the batch is split over the devices (Explicit axes: resharded onto the mesh
+    first) and the bias and norm weights go whole to every device; no all-gather."""
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    f, args, do = _small_call(11)
     loss = lambda *a: jnp.sum(f(*a) * do)  # noqa: E731
-    args = (qkv, bias, wq, wk)
     ref_o = jax.jit(f)(*args)
     ref_g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
-    mesh = jax.make_mesh((4,), ("data",))
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
     with jax.set_mesh(mesh):
         batch = NamedSharding(mesh, P("data"))
-        sargs = (jax.device_put(qkv, batch), bias, wq, wk)
+        sargs = (jax.device_put(args[0], batch), *args[1:])
         fwd = jax.jit(f)
         o = fwd(*sargs)
         assert rel_err(o, np.asarray(ref_o)) <= 1e-6
@@ -257,6 +264,13 @@ def test_sharded_over_the_batch_with_replicated_bias_and_weights():
         g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*sargs)
         for x, y in zip(g, ref_g):
             assert rel_err(x, np.asarray(y)) <= 1e-6
+
+
+def test_vmap_over_a_leading_axis():
+    f, (qkv, bias, wq, wk), _ = _small_call(15)
+    out = jax.jit(jax.vmap(lambda a: f(a, bias, wq, wk)))(jnp.stack([qkv, 0.5 * qkv]))
+    assert rel_err(out[0], np.asarray(jax.jit(f)(qkv, bias, wq, wk))) <= 1e-6
+    assert rel_err(out[1], np.asarray(jax.jit(f)(0.5 * qkv, bias, wq, wk))) <= 1e-6
 
 
 Q = jnp.zeros((1, 16, 3, 2, 32), jnp.float32)
@@ -296,30 +310,3 @@ def test_matches_attention_on_the_split_arrays_without_norms():
     o2 = jax.jit(lambda a: attention(a[:, :, 0], a[:, :, 1], a[:, :, 2], **kw))(qkv)
     # same kernel body, same tiles, same inputs: bit for bit
     np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o2, np.float32))
-
-
-def test_vmap_and_an_explicit_mesh():
-    """vmap over a leading axis runs the kernels per slice; under a mesh with Explicit axes the
-    batch is resharded onto the mesh and the bias and weights go whole to every device."""
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
-    qkv, do = randn(15, [(4, 21, 3, 2, 16), (4, 21, 2, 16)], jnp.float32)
-    bias, wq, wk = randn(16, [(3, 2, 16), (16,), (16,)], jnp.float32)
-    kw = dict(impl="pallas", interpret=True, block_sizes=AttentionConfig.uniform(16, 16))
-    f = lambda a, b, c, d: attention_qkv(a, c, d, bias=b, **kw)  # noqa: E731
-    ref = jax.jit(f)(qkv, bias, wq, wk)
-    out = jax.jit(jax.vmap(lambda a: f(a, bias, wq, wk)))(jnp.stack([qkv, 0.5 * qkv]))
-    assert rel_err(out[0], np.asarray(ref)) <= 1e-6
-    assert rel_err(out[1], np.asarray(jax.jit(f)(0.5 * qkv, bias, wq, wk))) <= 1e-6
-    loss = lambda *a: jnp.sum(f(*a) * do)  # noqa: E731
-    ref_g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(qkv, bias, wq, wk)
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    with jax.set_mesh(mesh):
-        batch = NamedSharding(mesh, P("data"))
-        sqkv = jax.device_put(qkv, batch)
-        o = jax.jit(f)(sqkv, bias, wq, wk)
-        assert rel_err(o, np.asarray(ref)) <= 1e-6
-        assert o.sharding.is_equivalent_to(batch, o.ndim), o.sharding
-        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(sqkv, bias, wq, wk)
-        for x, y in zip(g, ref_g):
-            assert rel_err(x, np.asarray(y)) <= 1e-6
