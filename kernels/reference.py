@@ -29,7 +29,8 @@ def qk_rms_norm(x, weight, *, eps: float, dim: int):
     """The model's learnable RMSNorm of q or k over the last axis: ``x * rsqrt(mean(x^2) + eps)
     * weight`` in (at least) float32, returned in x's dtype. ``dim`` is the true head dim (the
     mean's divisor), so zero-padded columns leave the result unchanged. Used by the XLA path,
-    by the forward kernel on each loaded tile, and by that kernel's backward."""
+    by the split kernel on each tile of rows, by that kernel's backward and by the model's
+    ``RMSNorm`` module."""
     acc = jnp.promote_types(x.dtype, jnp.float32)
     x32 = x.astype(acc)
     mean_sq = jnp.sum(x32 * x32, axis=-1, keepdims=True) / dim

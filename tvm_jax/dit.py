@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import RESIDUALS_NAME
-from kernels import attention_qkv
+from kernels import attention_qkv, qk_rms_norm
 
 # name -> (hidden_size, depth, num_heads); patch size 2 for all of them.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -239,14 +239,16 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm with a learnable per-channel ``weight`` (init 1), as ``torch.nn.RMSNorm``."""
+    """RMSNorm with a learnable per-channel ``weight`` (init 1), as ``torch.nn.RMSNorm``. The model
+    applies q's and k's through ``kernels.attention_qkv``; calling the module computes the same
+    function (``kernels.qk_rms_norm``, the one definition of it)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return (rms_norm(x, self.eps) * self.weight[...]).astype(x.dtype)
+        return qk_rms_norm(x, self.weight[...], eps=self.eps, dim=x.shape[-1])
 
 
 def _modulation(out: jax.Array, chunks: int, mod_norm: bool) -> list[jax.Array]:
