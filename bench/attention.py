@@ -64,7 +64,8 @@ from kernels import auto as auto_table  # noqa: E402
 from kernels.config import KERNEL_NAMES, padded_head_dim  # noqa: E402
 
 DEFAULT_SHAPES = "1,24,1024,128;1,24,4096,128;1,24,8192,128;1,1,16384,128;32,18,256,64;32,18,1024,64"
-FLOP_FACTOR = {"jvp_fwd": 12, "jvp_fwd_bwd": 36, "plain_fwd_bwd": 12}
+FLOP_FACTOR = {"jvp_fwd": 12, "jvp_fwd_bwd": 36, "plain_fwd_bwd": 12, "plain_fwd": 4}
+DEFAULT_KINDS = "jvp_fwd,jvp_fwd_bwd,plain_fwd_bwd"
 
 # Candidate configs for --sweep, per padded head dim: (block_q, block_k, num_warps, num_stages).
 # Head dim 128: pruned offline (sm_90a compile of the Triton IR, see kernels/config.py): mostly
@@ -369,7 +370,12 @@ def main(argv=None):
     p.add_argument("--no-xla", action="store_true", help="skip the XLA timings")
     p.add_argument("--no-cudnn", action="store_true", help="skip cuDNN")
     p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
+    p.add_argument("--kinds", default=DEFAULT_KINDS,
+                   help=f"what to time, of {sorted(FLOP_FACTOR)} (plain_fwd: the forward alone, as sampling runs it)")
     args = p.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or any(k not in FLOP_FACTOR for k in kinds):
+        raise SystemExit(f"--kinds: expected a comma-separated subset of {sorted(FLOP_FACTOR)}, got {args.kinds!r}")
 
     shapes = parse_shapes(args.shapes)
     dev = jax.devices()[0]
@@ -414,9 +420,8 @@ def main(argv=None):
         if not args.no_cudnn:
             fns["cudnn"] = make_fns("cudnn", scale, None, False)
 
-        kinds = ["jvp_fwd", "jvp_fwd_bwd", "plain_fwd_bwd"]
         compiled = {impl: compile_all(f, kinds, arg_sets[0]) for impl, f in fns.items()}
-        if "xla" in compiled:
+        if "xla" in compiled and {"jvp_fwd_bwd", "plain_fwd_bwd"} <= set(kinds):  # what it compares
             try:
                 entry["rel_err_pallas_vs_xla"] = correctness(
                     compiled["pallas"], compiled["xla"], arg_sets[0], compiled.get("cudnn")
@@ -509,12 +514,13 @@ def table_entries(report):
 
 def print_summary(report):
     print("\nsummary (ms; TFLOP/s; peak MB)")
-    hdr = f"{'B,H,S,D':>16s} {'impl':6s} {'jvp_fwd':>18s} {'jvp_fwd_bwd':>26s} {'plain_fwd_bwd':>18s}"
+    cols = (("jvp_fwd", 18), ("jvp_fwd_bwd", 26), ("plain_fwd_bwd", 18), ("plain_fwd", 18))
+    hdr = f"{'B,H,S,D':>16s} {'impl':6s} " + " ".join(f"{k:>{w}s}" for k, w in cols)
     print(hdr)
     for e in report["shapes"]:
         for impl, res in e["results"].items():
             cells = []
-            for kind, width in (("jvp_fwd", 18), ("jvp_fwd_bwd", 26), ("plain_fwd_bwd", 18)):
+            for kind, width in cols:
                 r = res.get(kind)
                 if r is None:
                     cells.append(f"{'-':>{width}s}")

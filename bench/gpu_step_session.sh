@@ -33,7 +33,30 @@
 #                                      # two GPUs by test name; the two logs are joined afterwards
 #   bash bench/gpu_step_session.sh p   # after the qkv split kernel: GPU0 sampling at batch 256 and 1,024
 #                                      # (the largest measured) | GPU1 the 512px step, batch 16, remat dots
+#   bash bench/gpu_step_session.sh r   # two A/Bs against .baseline/base.tgz (git archive of main), alternating:
+#                                      # GPU0 the GELU in fc1's cuBLASLt epilogue (this tree): 256px step and
+#                                      #      sampling x2, the GPU epilogue test, sampling attribution + HLO
+#                                      # GPU1 the JVP-mode prologue kernel (.baseline/jvp.tgz, branch
+#                                      #      jvp-prologue): 256px step x2, 512px dots x1, its native qkv tests
+#   bash bench/gpu_step_session.sh s   # A/B against .baseline/base.tgz (git archive of main), alternating:
+#                                      # the MLP's bias + GELU kernel and the split kernel before cuDNN
+#                                      # (the latter measured, not kept: it is on branch cudnn-split)
+#                                      # GPU0 256px step and sampling x2, native GELU/cuDNN-qkv tests
+#                                      # GPU1 512px dots x1, plain forward Pallas vs cuDNN, GPU step test
+#   bash bench/gpu_step_session.sh t   # GPU0 bench/bias_gelu.py tile sweep; the best tiles patched into this
+#                                      # copy's kernels/gelu.py; then the 256px step + sampling A/B against
+#                                      # .baseline/base.tgz on both GPUs (GPU0 before first, GPU1 after first)
+#   bash bench/gpu_step_session.sh u   # the committed code with the GELU kernel: GPU0 256px step + sampling,
+#                                      #      native GELU tests, sampling attribution | GPU1 256px step +
+#                                      #      sampling, GPU step-vs-XLA test
+#   bash bench/gpu_step_session.sh v   # the 512px step (batch 16, remat dots) with the GELU kernel: GPU0 this
+#                                      # tree | GPU1 .baseline/base.tgz (main before it), at the same time
 source "$(dirname "$0")/gpu_session_common.sh"
+run_tree() {  # run_tree DEVICE TREE TIMEOUT OUT ARGS...: bench/train_step.py of one code tree
+  local dev=$1 tree=$2 t=$3 out=$4; shift 4
+  CUDA_VISIBLE_DEVICES=$dev PYTHONPATH=$tree:/tmp/site timeout "$t" python3 "$tree/bench/train_step.py" "$@" \
+    --out "$OUT/$out.json" > "/tmp/log_$out.txt" 2>&1
+}
 case "${1:-}" in
   h)
     log "GPU0 256px before/after, attribution profile, GPU test, sampling HLO | GPU1 512px before/after"
@@ -170,6 +193,92 @@ case "${1:-}" in
         --out "$OUT/sampling_h200_split_qkv.json" > /tmp/log_samp.txt 2>&1
     wait
     tail -n 5 /tmp/log_samp.txt /tmp/log_512.txt ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p" >&2; exit 2 ;;
+  r)
+    for v in base jvp; do mkdir -p /tmp/$v && tar -C /tmp/$v -xzf .baseline/$v.tgz || exit 1; done
+    log "A/B: GPU0 GELU epilogue (step + sampling x2, GPU test, attribution) | GPU1 JVP-mode prologue"
+    (for rep in 1 2; do
+       run_tree 1 /tmp/base 90 ab_jvp_in256_before_$rep --variants default
+       run_tree 1 /tmp/jvp 90 ab_jvp_in256_after_$rep --variants default
+     done
+     run_tree 1 /tmp/base 100 ab_jvp_in512_before_1 --config configs/in512.py --batch_per_device 16 \
+       --set model.remat=dots --variants default
+     run_tree 1 /tmp/jvp 100 ab_jvp_in512_after_1 --config configs/in512.py --batch_per_device 16 \
+       --set model.remat=dots --variants default
+     (cd /tmp/jvp && CUDA_VISIBLE_DEVICES=1 PYTHONPATH=/tmp/jvp:/tmp/site timeout 120 python3 -m pytest -q -rs -m gpu \
+       kernels/tests/test_gpu.py -k qkv -p no:cacheprovider > "$OUT/pytest_gpu_qkv_jvp_prologue.log" 2>&1)) &
+    for rep in 1 2; do
+      run_tree 0 /tmp/base 100 ab_gelu_before_$rep --variants default --sampling
+      run_tree 0 "$PWD" 100 ab_gelu_after_$rep --variants default --sampling
+    done
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -rs -m gpu tests/test_gpu_gelu_epilogue.py \
+      -p no:cacheprovider > "$OUT/pytest_gpu_gelu_epilogue.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 90 python3 bench/train_step.py \
+      --variants "" --sampling --profile --hlo_dir /tmp/hlo --out "$OUT/sampling_gelu_attribution.json" \
+      > /tmp/log_prof.txt 2>&1
+    tar -C /tmp -czf "$OUT/hlo_sampling_gelu.tgz" hlo 2>/dev/null
+    wait
+    for f in /tmp/log_ab_*.txt /tmp/log_prof.txt; do echo "--- $f"; tail -n 2 "$f"; done
+    tail -n 3 "$OUT/pytest_gpu_gelu_epilogue.log" "$OUT/pytest_gpu_qkv_jvp_prologue.log"
+    cd "$OUT" && tar -czf ab.tgz ab_*.json && rm ab_*.json ;;
+  s)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "A/B GELU kernel + split before cuDNN: GPU0 step + sampling x2, tests | GPU1 512px, attention fwd, step test"
+    (run_tree 1 /tmp/base 100 ab_in512_before_1 --config configs/in512.py --batch_per_device 16 \
+       --set model.remat=dots --variants default
+     run_tree 1 "$PWD" 100 ab_in512_after_1 --config configs/in512.py --batch_per_device 16 \
+       --set model.remat=dots --variants default
+     CUDA_VISIBLE_DEVICES=1 timeout 100 python3 bench/attention.py --kinds plain_fwd --no-xla \
+       --shapes "256,18,256,64;64,18,256,64;32,18,1024,64" --out "$OUT/attention_plain_fwd_h200.json" \
+       > /tmp/log_attn.txt 2>&1
+     CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -q -m gpu tests/test_attention_in_step.py \
+       -p no:cacheprovider > "$OUT/pytest_gpu_attention_in_step.log" 2>&1) &
+    for rep in 1 2; do
+      run_tree 0 /tmp/base 100 ab_in256_before_$rep --variants default --sampling
+      run_tree 0 "$PWD" 100 ab_in256_after_$rep --variants default --sampling
+    done
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py \
+      -k "bias_gelu or cudnn_reads or qkv_with_bias" -p no:cacheprovider > "$OUT/pytest_gpu_gelu_qkv.log" 2>&1
+    wait
+    for f in /tmp/log_ab_*.txt; do echo "--- $f"; tail -n 2 "$f"; done
+    tail -n 12 /tmp/log_attn.txt
+    tail -n 3 "$OUT/pytest_gpu_gelu_qkv.log" "$OUT/pytest_gpu_attention_in_step.log"
+    cd "$OUT" && tar -czf ab.tgz ab_*.json && rm ab_*.json ;;
+  t)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "GELU kernel tiles sweep, then A/B on both GPUs"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/bias_gelu.py --out "$OUT/bias_gelu_h200.json" > /tmp/log_sweep.txt 2>&1
+    tail -n 30 /tmp/log_sweep.txt
+    best=$(python3 -c "import json; print(','.join(map(str, json.load(open('$OUT/bias_gelu_h200.json'))['best_tiles'])))") || exit 1
+    sed -i "s/^TILES = .*/TILES = ($best)/" kernels/gelu.py && grep -n "^TILES" kernels/gelu.py | tee "$OUT/ab_tiles.txt"
+    (run_tree 1 "$PWD" 100 ab_t_after_gpu1 --variants default --sampling
+     run_tree 1 /tmp/base 100 ab_t_before_gpu1 --variants default --sampling) &
+    run_tree 0 /tmp/base 100 ab_t_before_gpu0 --variants default --sampling
+    run_tree 0 "$PWD" 100 ab_t_after_gpu0 --variants default --sampling
+    wait
+    for f in /tmp/log_ab_t_*.txt; do echo "--- $f"; tail -n 4 "$f"; done
+    cd "$OUT" && tar -czf ab.tgz ab_*.json && rm ab_*.json ;;
+  u)
+    log "GPU0 step + sampling, GELU tests, sampling attribution | GPU1 step + sampling, GPU step test"
+    (run_tree 1 "$PWD" 100 train_step_sampling_h200_gelu_kernel_gpu1 --variants default --sampling
+     CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -q -m gpu tests/test_attention_in_step.py \
+       -p no:cacheprovider > "$OUT/pytest_gpu_attention_in_step.log" 2>&1) &
+    run_tree 0 "$PWD" 100 train_step_sampling_h200_gelu_kernel_gpu0 --variants default --sampling
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py -k bias_gelu \
+      -p no:cacheprovider > "$OUT/pytest_gpu_bias_gelu.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 90 python3 bench/train_step.py \
+      --variants "" --sampling --profile --out "$OUT/sampling_h200_gelu_kernel_profile.json" > /tmp/log_prof.txt 2>&1
+    wait
+    for f in /tmp/log_train_step_*.txt /tmp/log_prof.txt; do echo "--- $f"; tail -n 4 "$f"; done
+    tail -n 3 "$OUT/pytest_gpu_bias_gelu.log" "$OUT/pytest_gpu_attention_in_step.log" ;;
+  v)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "512px: GPU0 this tree | GPU1 main before the GELU kernel"
+    (run_tree 1 /tmp/base 110 train_step_h200_in512_dots_before_gelu_kernel --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --variants default) &
+    run_tree 0 "$PWD" 110 train_step_h200_in512_dots_gelu_kernel --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --variants default
+    wait
+    for f in /tmp/log_train_step_h200_in512_*.txt; do echo "--- $f"; tail -n 2 "$f"; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v" >&2; exit 2 ;;
 esac
 log done

@@ -1,4 +1,5 @@
-"""XLA reference attention (the ``impl="xla"`` path) in BSHD layout.
+"""XLA references of the kernels: attention (the ``impl="xla"`` path) in BSHD layout, the q/k
+RMS norm of the qkv prologue and the MLP's tanh GELU.
 
 Plain jnp: logits by einsum with fp32 accumulation (operands in the input dtype), softmax in
 fp32, probabilities cast to the value dtype for the second einsum (fp32 accumulation), output
@@ -6,6 +7,8 @@ in the input dtype. Differentiable by JAX autodiff in every mode (grad, jvp, gra
 With float64 inputs (under x64) it is the float64 ground truth used by the tests.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,21 @@ def attention_xla(q, k, v, *, scale: float):
 def tangent_xla(q, k, v, tq, tk, tv, *, scale: float):
     """(o, t_o) by JAX forward-mode autodiff of :func:`attention_xla`."""
     return jax.jvp(lambda a, b, c: attention_xla(a, b, c, scale=scale), (q, k, v), (tq, tk, tv))
+
+
+_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x):
+    """tanh-approximate GELU, ``x * (1 + tanh(c (x + 0.044715 x^3))) / 2`` with ``c = sqrt(2/pi)``,
+    as PyTorch's ``gelu(approximate="tanh")``; computed in (at least) float32 through the
+    identity ``(1 + tanh(u)) / 2 = sigmoid(2u)``: one exponential instead of a tanh, and a
+    derivative ``s (1 - s)`` that reuses the sigmoid. Returns x's dtype. The one definition: the
+    model's MLP, :func:`kernels.bias_gelu`'s kernel and its derivative rule use it."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    x32 = x.astype(acc)
+    u2 = x32 * (_GELU_2C + (_GELU_2C * 0.044715) * (x32 * x32))
+    return (x32 * jax.nn.sigmoid(u2)).astype(x.dtype)
 
 
 def qk_rms_norm(x, weight, *, eps: float, dim: int):

@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from tvm_jax.dit import (
-    MODEL_SIZES, Buffer, DiT, DiTConfig, abstract_dit, count_params, frequency_features, gelu_tanh, rms_norm,
+    MODEL_SIZES, Buffer, DiT, DiTConfig, abstract_dit, count_params, frequency_features, rms_norm,
     sincos_table_2d, unpatchify,
 )
+from kernels import gelu_tanh
 from tvm_jax.networks import build_dit
 
 TINY = dict(input_size=8, in_channels=3, hidden_size=64, depth=2, num_heads=4, num_classes=10, dtype="float32")

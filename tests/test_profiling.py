@@ -33,6 +33,8 @@ def test_op_family_rules():
     assert fam("tvm_flash_bwd_q", "custom-call.1", "pallas_call") == "attention backward (plain)"
     assert fam("tvm_split_qkv", "pallas_call.7", "jit(sample)/checkpoint/tvm_split_qkv/pallas_call") == \
         "attention prologue (qkv bias, q/k norms, split)"
+    assert fam("tvm_bias_gelu", "pallas_call.15", "jit(sample)/checkpoint/tvm_bias_gelu/pallas_call") == \
+        "MLP bias + GELU (Pallas)"
     assert fam("tvm_flash_fwd_qkv", "pallas_call.3", "pallas_call") == "attention forward (plain)"
     assert fam("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN", "custom-call.12", "jit(step)/dot_general") == "matmuls"
     assert fam("gemm_fusion_dot_123", "gemm_fusion_dot.123", "") == "matmuls"

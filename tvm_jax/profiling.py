@@ -50,6 +50,8 @@ def op_family(kernel: str, hlo_op: str = "", name_stack: str = "") -> str:
     for scope in ("optimizer", "ema"):
         if f"/{scope}/" in f"/{n}/" or n.endswith(f"/{scope}") or n.startswith(f"{scope}/"):
             return "optimizer and EMA updates"
+    if "bias_gelu" in k or "bias_gelu" in n:  # kernels/gelu.py
+        return "MLP bias + GELU (Pallas)"
     if "pallas" in n or "pallas" in k or any(tag in k for tags in _ATTENTION_KERNELS.values() for tag in tags):
         for family, tags in _ATTENTION_KERNELS.items():
             if any(tag in k for tag in tags):

@@ -208,3 +208,26 @@ def test_native_qkv_with_bias_and_norms(shape, dtype):
     assert_close("o vs replaced", o, f32(o_old), 5e-3 if bf16 else 1e-5)
     for name, g, gr in zip(("dqkv", "dbias", "dwq", "dwk"), grads, grads_old):
         assert_close(f"{name} vs replaced", g, f32(gr), 2e-2 if bf16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(32, 256, 4608), (3, 333, 96)], ids=_id)
+def test_native_bias_gelu(shape, dtype):
+    """The MLP's bias + GELU kernel compiled: the model's fc1 width at the step's batch, and a
+    ragged one; within one rounding (bf16) or gelu_tanh's few-ulp float32 error of the float64
+    value, and auto picks the kernel on the GPU."""
+    from kernels import bias_gelu
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    y = (jax.random.normal(k1, shape, jnp.float32) * 3).astype(dtype)
+    b = jax.random.normal(k2, shape[-1:], jnp.float32).astype(dtype)
+    fn = jax.jit(lambda y, b: bias_gelu(y, b))
+    assert "tvm_bias_gelu" in fn.lower(y, b).as_text()
+    got = np.asarray(fn(y, b), np.float64)
+    h = np.asarray((y.astype(jnp.float32) + b.astype(jnp.float32)).astype(dtype), np.float64)
+    exact = h * 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    keep = np.abs(exact) > 1e-3
+    ulp = 2.0 ** (np.floor(np.log2(np.abs(exact[keep]))) - jnp.finfo(dtype).nmant)
+    assert np.all(np.isfinite(got))
+    assert float(np.max(np.abs(got[keep] - exact[keep]) / ulp)) <= (1 if dtype == jnp.bfloat16 else 16)
+

@@ -15,7 +15,8 @@ from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kernels import AttentionConfig, KernelConfig, attention, attention_qkv, default_config, flash_with_tangent
+from kernels import AttentionConfig, KernelConfig, attention, attention_qkv, bias_gelu, default_config, flash_with_tangent
+from kernels import gelu as gelu_mod
 from kernels import flash as flash_mod
 
 TRITON = "__gpu$xla.gpu.triton"
@@ -179,3 +180,14 @@ def test_fp32_at_head_dim_128_takes_the_smaller_tiles():
         return _f32sum(o) + _f32sum(to)
 
     _check(_lower(jax.grad(loss, argnums=(0, 1, 2)), sd, sd, sd), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], 128, cfg=f32)
+
+
+@pytest.mark.parametrize("shape", [(32, 256, 4608), (2, 130, 96)])
+def test_bias_gelu_lowers_to_triton(shape):
+    """The MLP's bias + GELU kernel: one Triton call, its launch parameters; differentiated, the
+    XLA path (no kernel)."""
+    y = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    b = jax.ShapeDtypeStruct(shape[-1:], jnp.bfloat16)
+    found = _kernels(_lower(lambda y, b: bias_gelu(y, b, **KW), y, b))
+    assert found == [("tvm_bias_gelu", gelu_mod.TILES[2], 1)], found
+    assert _kernels(_lower(jax.grad(lambda y, b: _f32sum(bias_gelu(y, b, **KW))), y, b)) == []
