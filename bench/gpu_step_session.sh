@@ -51,6 +51,10 @@
 #                                      #      sampling, GPU step-vs-XLA test
 #   bash bench/gpu_step_session.sh v   # the 512px step (batch 16, remat dots) with the GELU kernel: GPU0 this
 #                                      # tree | GPU1 .baseline/base.tgz (main before it), at the same time
+#   bash bench/gpu_step_session.sh w   # kernels.residual_norm_modulate: GPU0 tile sweep
+#                                      # (bench/residual_norm_modulate.py; the best patched into this copy)
+#                                      # | GPU1 its native tests; then sampling A/B against
+#                                      # .baseline/base.tgz on both GPUs (GPU0 before first, GPU1 after first)
 source "$(dirname "$0")/gpu_session_common.sh"
 run_tree() {  # run_tree DEVICE TREE TIMEOUT OUT ARGS...: bench/train_step.py of one code tree
   local dev=$1 tree=$2 t=$3 out=$4; shift 4
@@ -279,6 +283,24 @@ case "${1:-}" in
        --batch_per_device 16 --set model.remat=dots --variants default
     wait
     for f in /tmp/log_train_step_h200_in512_*.txt; do echo "--- $f"; tail -n 2 "$f"; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v" >&2; exit 2 ;;
+  w)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "norm kernel: GPU0 sweep | GPU1 native tests; then sampling A/B on both"
+    (CUDA_VISIBLE_DEVICES=1 timeout 60 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py -k norm_modulate \
+       -p no:cacheprovider > "$OUT/pytest_gpu_residual_norm_modulate.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/residual_norm_modulate.py \
+      --out "$OUT/residual_norm_modulate_h200.json" > /tmp/log_sweep.txt 2>&1
+    tail -n 25 /tmp/log_sweep.txt
+    best=$(python3 -c "import json; print(','.join(map(str, json.load(open('$OUT/residual_norm_modulate_h200.json'))['best_tiles'])))") || exit 1
+    sed -i "s/^TILES = .*/TILES = ($best)/" kernels/modulation.py && grep -n "^TILES" kernels/modulation.py | tee "$OUT/ab_tiles.txt"
+    wait
+    (run_tree 1 "$PWD" 70 ab_w_after_gpu1 --variants "" --sampling
+     run_tree 1 /tmp/base 70 ab_w_before_gpu1 --variants "" --sampling) &
+    run_tree 0 /tmp/base 70 ab_w_before_gpu0 --variants "" --sampling
+    run_tree 0 "$PWD" 70 ab_w_after_gpu0 --variants "" --sampling
+    wait
+    for f in /tmp/log_ab_w_*.txt; do echo "--- $f"; tail -n 2 "$f"; done
+    tail -n 3 "$OUT/pytest_gpu_residual_norm_modulate.log" ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w" >&2; exit 2 ;;
 esac
 log done

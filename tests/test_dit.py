@@ -273,3 +273,37 @@ def test_gelu_tanh_is_the_tanh_gelu_with_its_derivatives():
     # bf16 in and out, float32 inside: within one bf16 rounding of the exact value
     exact = jax.nn.gelu(xb.astype(jnp.float32), approximate=True)
     assert float(jnp.max(jnp.abs(gelu_tanh(xb).astype(jnp.float32) - exact) / (jnp.abs(exact) + 1e-3))) <= 2 ** -8
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_the_mlp_and_second_norm_kernels_inside_the_model(monkeypatch, dtype, tol):
+    """With ``auto`` standing as on a GPU (the kernels then run in the Pallas interpreter), the
+    model's undifferentiated forward runs kernels.bias_gelu and kernels.residual_norm_modulate in
+    every block and gives the XLA path's output to the compute dtype's rounding; a JVP call runs
+    neither and gives the XLA path's numbers exactly (their derivative rules are XLA's)."""
+    import kernels.gelu
+    import kernels.modulation
+
+    apply, params = build_dit(DiTConfig.create(None, **{**TINY, "dtype": dtype}))
+    params = _random_params(params, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (3, 8, 8, 3))
+    t, s = jnp.array([0.9, 0.5, 1.0]), jnp.array([0.1, 0.5, 0.0])
+    labels, beta = jnp.array([0, 9, 10]), jnp.array([0.5, 1.0, 1.0])
+    fwd = jax.jit(lambda p: apply(p, x, t, t - s, labels, beta))
+    jvp = jax.jit(lambda p: jax.jvp(lambda s_: apply(p, x, t, t - s_, labels, beta, jvp=True), (s,), (jnp.ones_like(s),)))
+    want, want_jvp = fwd(params), jvp(params)
+    for module in (kernels.gelu, kernels.modulation):
+        monkeypatch.setattr(module, "_on_gpu", lambda: True)
+    text = str(jax.make_jaxpr(lambda p: apply(p, x, t, t - s, labels, beta))(params))
+    assert "tvm_bias_gelu" in text and "tvm_residual_norm_modulate" in text
+    fwd_k = jax.jit(lambda p: apply(p, x, t, t - s, labels, beta))
+    got = fwd_k(params)
+    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert err <= tol, err
+    jvp_text = str(jax.make_jaxpr(lambda p: jax.jvp(lambda s_: apply(p, x, t, t - s_, labels, beta, jvp=True),
+                                                    (s,), (jnp.ones_like(s),)))(params))
+    assert "tvm_bias_gelu" not in jvp_text and "tvm_residual_norm_modulate" not in jvp_text
+    got_jvp = jax.jit(lambda p: jax.jvp(lambda s_: apply(p, x, t, t - s_, labels, beta, jvp=True),
+                                        (s,), (jnp.ones_like(s),)))(params)
+    for a, b in zip(got_jvp, want_jvp):
+        assert bool(jnp.all(a == b))

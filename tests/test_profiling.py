@@ -35,6 +35,8 @@ def test_op_family_rules():
         "attention prologue (qkv bias, q/k norms, split)"
     assert fam("tvm_bias_gelu", "pallas_call.15", "jit(sample)/checkpoint/tvm_bias_gelu/pallas_call") == \
         "MLP bias + GELU (Pallas)"
+    assert fam("tvm_residual_norm_modulate", "pallas_call.9", "jit(sample)/tvm_residual_norm_modulate/pallas_call") == \
+        "second pre-norm: residual, RMS norm, modulation (Pallas)"
     assert fam("tvm_flash_fwd_qkv", "pallas_call.3", "pallas_call") == "attention forward (plain)"
     assert fam("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN", "custom-call.12", "jit(step)/dot_general") == "matmuls"
     assert fam("gemm_fusion_dot_123", "gemm_fusion_dot.123", "") == "matmuls"

@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import RESIDUALS_NAME
-from kernels import attention_qkv, bias_gelu, qk_rms_norm
+from kernels import attention_qkv, bias_gelu, qk_rms_norm, residual_norm_modulate
 
 # name -> (hidden_size, depth, num_heads); patch size 2 for all of them.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -313,6 +313,10 @@ class Attention(nnx.Module):
         self.proj = _linear(config, h, h, rngs)
 
     def __call__(self, x: jax.Array, *, jvp: bool = False) -> jax.Array:
+        return self.proj(self.attend(x, jvp=jvp))
+
+    def attend(self, x: jax.Array, *, jvp: bool = False) -> jax.Array:
+        """The attention output before the proj Linear, (B, N, H)."""
         b, n, _ = x.shape
         # The qkv Linear's bias and the q/k RMS norms (learnable weights, eps as the RMSNorm
         # modules) are applied by the attention op: on the plain Pallas path one kernel adds the
@@ -322,7 +326,7 @@ class Attention(nnx.Module):
         norms = (None, None) if self.q_norm is None else (self.q_norm.weight[...], self.k_norm.weight[...])
         eps = 1e-6 if self.q_norm is None else self.q_norm.eps
         o = attention_qkv(qkv, *norms, bias=bias, eps=eps, scale=self.head_dim ** -0.5, impl=self.impl, jvp=jvp)
-        return self.proj(o.reshape(b, n, -1))
+        return o.reshape(b, n, -1)
 
 
 class MLP(nnx.Module):
@@ -348,9 +352,17 @@ class DiTBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, c: jax.Array, *, jvp: bool = False) -> jax.Array:
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(self.adaLN(nnx.silu(c)), 6, self.mod_norm)
-        x = x + gate1[:, None, :] * _acc(self.attn(_modulate(self.norm(x), shift1, scale1), jvp=jvp))
-        x = x + gate2[:, None, :] * _acc(self.mlp(_modulate(self.norm(x), shift2, scale2)))
-        return x
+        h = _modulate(self.norm(x), shift1, scale1)
+        if self.norm is not rms_norm:
+            x = x + gate1[:, None, :] * _acc(self.attn(h, jvp=jvp))
+            return x + gate2[:, None, :] * _acc(self.mlp(_modulate(self.norm(x), shift2, scale2)))
+        # RMS pre-norms: the gated residual add, the second norm and its modulation run as one
+        # Pallas pass on a GPU (kernels.residual_norm_modulate, the same function as the lines
+        # above; differentiated calls stay with XLA). The residual itself is added as before.
+        y, bias = _matmul_and_bias(self.attn.proj, self.attn.attend(h, jvp=jvp))
+        h = residual_norm_modulate(x, y, bias, gate1, shift2, scale2, eps=1e-6, out_dtype=self.mlp.fc1.dtype)
+        x = x + gate1[:, None, :] * _acc(y + bias)
+        return x + gate2[:, None, :] * _acc(self.mlp(h))
 
 
 class FinalLayer(nnx.Module):

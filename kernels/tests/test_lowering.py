@@ -191,3 +191,20 @@ def test_bias_gelu_lowers_to_triton(shape):
     found = _kernels(_lower(lambda y, b: bias_gelu(y, b, **KW), y, b))
     assert found == [("tvm_bias_gelu", gelu_mod.TILES[2], 1)], found
     assert _kernels(_lower(jax.grad(lambda y, b: _f32sum(bias_gelu(y, b, **KW))), y, b)) == []
+
+
+@pytest.mark.parametrize("shape", [(32, 256, 1152), (2, 130, 96)])
+def test_residual_norm_modulate_lowers_to_triton(shape):
+    """The block's second pre-norm kernel: one Triton call, loads in power-of-two chunks of the
+    width; differentiated, the XLA path."""
+    from kernels import residual_norm_modulate
+    from kernels import modulation as mod
+
+    b, n, c = shape
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    y = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((c,), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((b, c), jnp.float32)
+    f = lambda *a: residual_norm_modulate(*a, **KW)  # noqa: E731
+    assert _kernels(_lower(f, x, y, bias, g, g, g)) == [("tvm_residual_norm_modulate", mod.TILES[1], 1)]
+    assert _kernels(_lower(jax.grad(lambda *a: _f32sum(f(*a))), x, y, bias, g, g, g)) == []
