@@ -11,7 +11,6 @@ summed time over the shapes.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,19 +24,15 @@ import numpy as np  # noqa: E402
 
 from kernels import bias_gelu  # noqa: E402
 from kernels.gelu import TILES, reference  # noqa: E402
-from kernels.tools.tile_sweep import best_tiles, parse_tiles, start_report, sweep_tiles, time_ms, write_json  # noqa: E402
+from kernels.tools.tile_sweep import finish_report, parse_tiles, start_report, sweep_parser, sweep_tiles, time_ms  # noqa: E402
 
 DEFAULT_TILES = "32,512,4;8,512,4;16,256,4;8,1024,4;4,1024,4;16,512,8;8,512,2;64,256,8;2,512,1;1,1024,4"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sweep_parser(__doc__, DEFAULT_TILES, "';'-separated rows,columns,warps")
     p.add_argument("--rows", default="65536,8192", help="comma-separated row counts (batch x tokens)")
     p.add_argument("--width", type=int, default=4608)
-    p.add_argument("--tiles", default=DEFAULT_TILES, help="';'-separated rows,columns,warps")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     tiles = parse_tiles(args.tiles)
     report = start_report(TILES, args.interpret)
@@ -54,11 +49,7 @@ def main(argv=None):
         report["shapes"].append({"rows": rows, "width": args.width, "bytes": nbytes,
                                  "xla": {"ms": ms, "tb_per_s": nbytes / ms / 1e9},
                                  "pallas": sweep_tiles(make, (y, b), exact, tiles, args.iters, nbytes)})
-    report["best_tiles"] = best_tiles(report["shapes"])
-    print("best tiles:", tuple(report["best_tiles"]), flush=True)
-    if args.out:
-        write_json(args.out, report)
-    return report
+    return finish_report(report, args.out)
 
 
 if __name__ == "__main__":

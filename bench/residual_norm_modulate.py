@@ -10,7 +10,6 @@ the kernel rounds it: under jit XLA may keep it in float32, its excess-precision
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,19 +22,15 @@ import jax.numpy as jnp  # noqa: E402
 
 from kernels import residual_norm_modulate  # noqa: E402
 from kernels.modulation import TILES, reference  # noqa: E402
-from kernels.tools.tile_sweep import best_tiles, parse_tiles, start_report, sweep_tiles, time_ms, write_json  # noqa: E402
+from kernels.tools.tile_sweep import finish_report, parse_tiles, start_report, sweep_parser, sweep_tiles, time_ms  # noqa: E402
 
 DEFAULT_TILES = "4,4;1,1;2,1;2,2;4,2;8,4;8,8;16,8;1,2"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sweep_parser(__doc__, DEFAULT_TILES, "';'-separated rows,warps")
     p.add_argument("--shapes", default="256,256;64,256", help="';'-separated batch,tokens")
     p.add_argument("--width", type=int, default=1152)
-    p.add_argument("--tiles", default=DEFAULT_TILES, help="';'-separated rows,warps")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     tiles = parse_tiles(args.tiles)
     report = start_report(TILES, args.interpret)
@@ -57,11 +52,7 @@ def main(argv=None):
         report["shapes"].append({"batch": b, "tokens": n, "width": c, "bytes": nbytes,
                                  "xla": {"ms": ms, "tb_per_s": nbytes / ms / 1e9},
                                  "pallas": sweep_tiles(make, xs, exact, tiles, args.iters, nbytes)})
-    report["best_tiles"] = best_tiles(report["shapes"])
-    print("best tiles:", tuple(report["best_tiles"]), flush=True)
-    if args.out:
-        write_json(args.out, report)
-    return report
+    return finish_report(report, args.out)
 
 
 if __name__ == "__main__":

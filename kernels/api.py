@@ -86,6 +86,20 @@ def _resolve_scale(scale, head_dim: int) -> float:
     return scale
 
 
+def _on_gpu() -> bool:
+    """Whether ``impl="auto"`` runs the memory-pass kernels (``kernels.bias_gelu``,
+    ``kernels.residual_norm_modulate``); tests stand in for a GPU by replacing it."""
+    return jax.default_backend() == "gpu"
+
+
+def _resolve_tiles(tiles, default: tuple, what: str) -> tuple:
+    """Those kernels' ``tiles`` argument: ``default`` for None, else as many powers of two."""
+    tiles = default if tiles is None else tuple(int(t) for t in tiles)
+    if len(tiles) != len(default) or any(t < 1 or t & (t - 1) for t in tiles):
+        raise ValueError(f"tiles must be {len(default)} powers of two {what}, got {tiles}")
+    return tiles
+
+
 def _resolve_interpret(interpret) -> bool:
     if interpret is None:
         return jax.default_backend() == "cpu"

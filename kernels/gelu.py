@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.api import _batch_sharded  # the shard_map wrapper every kernel call goes through
+from kernels import api as _api
 from kernels.reference import gelu_tanh
 
 IMPLS = ("auto", "pallas", "xla")
@@ -37,11 +37,6 @@ _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # row count or the width has fewer factors of two). The fastest of bench/bias_gelu.py's sweep
 # on an H200 (bench/results/bias_gelu_h200.json), summed over 65,536 and 8,192 rows of 4,608.
 TILES = (2, 512, 1)
-
-
-def _on_gpu() -> bool:
-    """Whether ``impl="auto"`` runs the kernel (tests stand in for a GPU by replacing it)."""
-    return jax.default_backend() == "gpu"
 
 
 def reference(y, bias):
@@ -76,7 +71,7 @@ def _bias_gelu(y, bias, interpret: bool, tiles):
     def run(y, bias):
         return _call(y.reshape(-1, y.shape[-1]), bias, interpret, tiles).reshape(y.shape)
 
-    return _batch_sharded(run, (y,), 1, replicated=(bias,))
+    return _api._batch_sharded(run, (y,), 1, replicated=(bias,))
 
 
 @_bias_gelu.defjvp
@@ -105,16 +100,13 @@ def bias_gelu(y, bias, *, impl: str = "auto", interpret: bool | None = None, til
         return reference(y, bias)
     kernel_dtype = any(y.dtype == d for d in _KERNEL_DTYPES)
     if impl == "auto":
-        impl = "pallas" if (_on_gpu() and kernel_dtype) else "xla"
+        impl = "pallas" if (_api._on_gpu() and kernel_dtype) else "xla"
     if impl == "xla":
         return reference(y, bias)
     if not kernel_dtype:
         raise ValueError(f"impl='pallas' takes bfloat16, float16 or float32 inputs, got {y.dtype}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    tiles = TILES if tiles is None else tuple(int(t) for t in tiles)
-    if len(tiles) != 3 or any(t < 1 or t & (t - 1) for t in tiles):
-        raise ValueError(f"tiles must be three powers of two (rows, columns, warps), got {tiles}")
+    interpret = _api._resolve_interpret(interpret)
+    tiles = _api._resolve_tiles(tiles, TILES, "(rows, columns, warps)")
     if y.ndim == 1:
-        return _bias_gelu(y[None], bias, bool(interpret), tiles)[0]
-    return _bias_gelu(y, bias, bool(interpret), tiles)
+        return _bias_gelu(y[None], bias, interpret, tiles)[0]
+    return _bias_gelu(y, bias, interpret, tiles)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.api import _batch_sharded
+from kernels import api as _api
+from kernels.reference import rms_norm
 
 IMPLS = ("auto", "pallas", "xla")
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -40,11 +41,6 @@ TILES = (1, 1)
 _CHUNK = 128  # columns per load (the largest power of two dividing the width, at most this)
 
 
-def _on_gpu() -> bool:
-    """Whether ``impl="auto"`` runs the kernel (tests stand in for a GPU by replacing it)."""
-    return jax.default_backend() == "gpu"
-
-
 def reference(x, y, bias, gate, shift, scale, *, eps: float, out_dtype):
     """x (B, N, C) the float32 residual stream; y (B, N, C) the projection without its bias
     (bias (C,) is added in y's dtype, as a Linear layer adds it); gate, shift, scale (B, C).
@@ -53,7 +49,7 @@ def reference(x, y, bias, gate, shift, scale, *, eps: float, out_dtype):
     acc = jnp.promote_types(x.dtype, jnp.float32)
     r = (y + bias.astype(y.dtype)).astype(acc)
     x1 = x.astype(acc) + gate[:, None, :] * r
-    n = x1 * jax.lax.rsqrt(jnp.mean(jnp.square(x1), axis=-1, keepdims=True) + eps)
+    n = rms_norm(x1, eps)
     return (n * (1.0 + scale[:, None, :]) + shift[:, None, :]).astype(out_dtype)
 
 
@@ -97,7 +93,7 @@ def _fused(x, y, bias, gate, shift, scale, eps, out_dtype, interpret, tiles):
     def run(x, y, gate, shift, scale, bias):
         return _call(x, y, bias, gate, shift, scale, eps, out_dtype, interpret, tiles)
 
-    return _batch_sharded(run, (x, y, gate, shift, scale), 1, replicated=(bias,))
+    return _api._batch_sharded(run, (x, y, gate, shift, scale), 1, replicated=(bias,))
 
 
 @_fused.defjvp
@@ -133,15 +129,12 @@ def residual_norm_modulate(x, y, bias, gate, shift, scale, *, eps: float = 1e-6,
     out_dtype = jnp.dtype(y.dtype if out_dtype is None else out_dtype)
     kernel_ok = x.dtype == jnp.float32 and any(y.dtype == d for d in _KERNEL_DTYPES) and x.size > 0
     if impl == "auto":
-        impl = "pallas" if (_on_gpu() and kernel_ok) else "xla"
+        impl = "pallas" if (_api._on_gpu() and kernel_ok) else "xla"
     if impl == "xla":
         return reference(x, y, bias, gate, shift, scale, eps=eps, out_dtype=out_dtype)
     if not kernel_ok:
         raise ValueError(f"impl='pallas' takes a non-empty float32 x and a bf16/f16/f32 y, got {x.dtype}, {y.dtype}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    tiles = TILES if tiles is None else tuple(int(t) for t in tiles)
-    if len(tiles) != 2 or any(t < 1 or t & (t - 1) for t in tiles):
-        raise ValueError(f"tiles must be two powers of two (rows, warps), got {tiles}")
+    interpret = _api._resolve_interpret(interpret)
+    tiles = _api._resolve_tiles(tiles, TILES, "(rows, warps)")
     return _fused(x, y, bias.astype(y.dtype), gate.astype(jnp.float32), shift.astype(jnp.float32),
-                  scale.astype(jnp.float32), eps, out_dtype, bool(interpret), tiles)
+                  scale.astype(jnp.float32), eps, out_dtype, interpret, tiles)

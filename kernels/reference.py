@@ -28,6 +28,14 @@ def tangent_xla(q, k, v, tq, tk, tv, *, scale: float):
     return jax.jvp(lambda a, b, c: attention_xla(a, b, c, scale=scale), (q, k, v), (tq, tk, tv))
 
 
+def rms_norm(x, eps: float = 1e-6):
+    """Weightless RMSNorm over the last axis, computed in (at least) float32: the model's
+    pre-norms (``tvm_jax.dit``) and the second one's kernel reference
+    (:func:`kernels.modulation.reference`)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
 _GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
 
 

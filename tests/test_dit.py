@@ -281,8 +281,7 @@ def test_the_mlp_and_second_norm_kernels_inside_the_model(monkeypatch, dtype, to
     model's undifferentiated forward runs kernels.bias_gelu and kernels.residual_norm_modulate in
     every block and gives the XLA path's output to the compute dtype's rounding; a JVP call runs
     neither and gives the XLA path's numbers exactly (their derivative rules are XLA's)."""
-    import kernels.gelu
-    import kernels.modulation
+    import kernels.api
 
     apply, params = build_dit(DiTConfig.create(None, **{**TINY, "dtype": dtype}))
     params = _random_params(params, jax.random.key(1))
@@ -292,8 +291,7 @@ def test_the_mlp_and_second_norm_kernels_inside_the_model(monkeypatch, dtype, to
     fwd = jax.jit(lambda p: apply(p, x, t, t - s, labels, beta))
     jvp = jax.jit(lambda p: jax.jvp(lambda s_: apply(p, x, t, t - s_, labels, beta, jvp=True), (s,), (jnp.ones_like(s),)))
     want, want_jvp = fwd(params), jvp(params)
-    for module in (kernels.gelu, kernels.modulation):
-        monkeypatch.setattr(module, "_on_gpu", lambda: True)
+    monkeypatch.setattr(kernels.api, "_on_gpu", lambda: True)
     text = str(jax.make_jaxpr(lambda p: apply(p, x, t, t - s, labels, beta))(params))
     assert "tvm_bias_gelu" in text and "tvm_residual_norm_modulate" in text
     fwd_k = jax.jit(lambda p: apply(p, x, t, t - s, labels, beta))

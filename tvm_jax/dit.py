@@ -47,6 +47,7 @@ from flax import nnx
 
 from kernels import RESIDUALS_NAME
 from kernels import attention_qkv, bias_gelu, qk_rms_norm, residual_norm_modulate
+from kernels.reference import rms_norm  # the model's weightless pre-norm (one definition)
 
 # name -> (hidden_size, depth, num_heads); patch size 2 for all of them.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -222,12 +223,6 @@ def frequency_features(x: jax.Array, dim: int = 256, max_period: float = 10000.0
 def _acc(x: jax.Array) -> jax.Array:
     """``x`` in at least float32 (float64 stays float64): the dtype of norms and residuals."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """Weightless RMSNorm over the last axis, computed in (at least) float32."""
-    x = _acc(x)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from kernels import bias_gelu, gelu_tanh
 from kernels.gelu import reference
+from kernels.tools.tile_sweep import max_ulps
 
 KW = dict(impl="pallas", interpret=True)
 
@@ -30,15 +31,6 @@ def _exact(y, b):
     return h * 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
 
 
-def _ulps(a, b, dtype):
-    """|a - b| in units of the last place of dtype at b's magnitude, where |b| > 1e-3 (the far
-    negative tail is tiny and its relative error says nothing)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    keep = np.abs(b) > 1e-3
-    ulp = 2.0 ** (np.floor(np.log2(np.abs(b[keep]))) - (jnp.finfo(dtype).nmant))
-    return np.abs(a[keep] - b[keep]) / ulp
-
-
 @pytest.mark.parametrize("shape", [(2, 16, 96), (3, 5, 40), (64, 1024), (7,)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_values_match_exact_and_the_xla_path(shape, dtype):
@@ -55,8 +47,8 @@ def test_values_match_exact_and_the_xla_path(shape, dtype):
     got = np.asarray(out, np.float64)
     assert np.all(np.isfinite(got))
     exact = _exact(y, b)
-    assert np.max(_ulps(got, exact, dtype)) <= (0.5 if dtype != jnp.float32 else 16)  # f32: gelu_tanh's own error
-    assert np.max(_ulps(got, reference(y, b), dtype)) <= (1 if dtype != jnp.float32 else 16)
+    assert max_ulps(got, exact, dtype) <= (0.5 if dtype != jnp.float32 else 16)  # f32: gelu_tanh's own error
+    assert max_ulps(got, reference(y, b), dtype) <= (1 if dtype != jnp.float32 else 16)
 
 
 def test_derivatives_are_those_of_the_xla_path_bit_for_bit():

@@ -7,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.tools.tile_sweep import best_tiles, bf16_ulps, parse_tiles, sweep_tiles
+from kernels.tools.tile_sweep import best_tiles, max_ulps, parse_tiles, sweep_tiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_ulps_best_tiles_and_parsing():
     exact = np.array([1.0, 3.0, 1e-5])
-    assert bf16_ulps(exact + np.array([2 ** -7, 0, 1.0]), exact) == 1.0  # the tiny element is ignored
+    assert max_ulps(exact + np.array([2 ** -7, 0, 1.0]), exact) == 1.0  # the tiny element is ignored
+    assert max_ulps(exact + np.array([2 ** -23, 0, 1.0]), exact, jnp.float32) == 1.0
     assert parse_tiles("2,512,1;8,4") == [(2, 512, 1), (8, 4)]
     shapes = [{"pallas": [{"tiles": [1], "ms": 1.0}, {"tiles": [2], "ms": 0.5}]},
               {"pallas": [{"tiles": [1], "ms": 1.0}, {"tiles": [2], "ms": None}]}]

@@ -9,6 +9,7 @@ calls lasting about 2 ms each.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -17,7 +18,19 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+def sweep_parser(doc: str, default_tiles: str, tiles_help: str) -> argparse.ArgumentParser:
+    """The sweep scripts' command line: --tiles, --iters, --interpret, --out (the caller adds
+    its shape options)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiles", default=default_tiles, help=tiles_help)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
+    p.add_argument("--out", default=None)
+    return p
 
 
 def parse_tiles(text: str) -> list[tuple[int, ...]]:
@@ -52,12 +65,13 @@ def time_ms(fn, args, iters: int) -> float:
     return statistics.median(samples)
 
 
-def bf16_ulps(got, exact) -> float:
-    """The largest |got - exact| in bf16 units in the last place at exact's magnitude, over the
-    elements with |exact| > 1e-3."""
+def max_ulps(got, exact, dtype=jnp.bfloat16) -> float:
+    """The largest |got - exact| in units in the last place of ``dtype`` at exact's magnitude,
+    over the elements with |exact| > 1e-3 (the far tails are tiny and their relative error says
+    nothing)."""
     got, exact = np.asarray(got, np.float64), np.asarray(exact, np.float64)
     keep = np.abs(exact) > 1e-3
-    ulp = 2.0 ** (np.floor(np.log2(np.abs(exact[keep]))) - 7)
+    ulp = 2.0 ** (np.floor(np.log2(np.abs(exact[keep]))) - jnp.finfo(dtype).nmant)
     return float(np.max(np.abs(got[keep] - exact[keep]) / ulp))
 
 
@@ -69,7 +83,7 @@ def sweep_tiles(make_fn, args, exact, tiles, iters: int, nbytes: int):
     for t in tiles:
         try:
             fn = make_fn(t)
-            err = bf16_ulps(fn(*args), exact)
+            err = max_ulps(fn(*args), exact)
             if err > 1:
                 raise AssertionError(f"{err:.2f} bf16 ulps from the reference (> 1)")
             ms = time_ms(fn, args, iters)
@@ -94,6 +108,16 @@ def best_tiles(shapes) -> list:
     if best is None or totals[best] == float("inf"):
         raise SystemExit("every tile failed")
     return list(best)
+
+
+def finish_report(report: dict, out: str | None) -> dict:
+    """Adds ``best_tiles`` (:func:`best_tiles` over the report's shapes), prints it and writes
+    the report to ``out`` if given."""
+    report["best_tiles"] = best_tiles(report["shapes"])
+    print("best tiles:", tuple(report["best_tiles"]), flush=True)
+    if out:
+        write_json(out, report)
+    return report
 
 
 def write_json(path: str, report: dict) -> None:
