@@ -55,6 +55,30 @@
 #                                      # (bench/residual_norm_modulate.py; the best patched into this copy)
 #                                      # | GPU1 its native tests; then sampling A/B against
 #                                      # .baseline/base.tgz on both GPUs (GPU0 before first, GPU1 after first)
+#   bash bench/gpu_step_session.sh x   # main with both memory-pass kernels: GPU0 256px step + sampling, then
+#                                      #      the 512px step (batch 16, remat dots) | GPU1 GPU step-vs-XLA
+#                                      #      test, native GELU and norm-modulate tests (swept tiles)
+#   bash bench/gpu_step_session.sh y   # the one-kernel tangent backward (AttentionConfig.jvp_bwd_one_kernel):
+#                                      # the two kernels at the defaults, then a sweep of the one kernel's
+#                                      # tiles (bench/attention.py --sweep-kernels jvp_bwd): GPU0 head dim 64
+#                                      # (the DiT shapes) | GPU1 head dim 128, then its native tests (bwd1)
+#                                      # (the code is on branch one-kernel-bwd: measured, not kept)
+#   bash bench/gpu_step_session.sh z   # GPU0 bench/linear_gelu.py (fc1 + bias + GELU as one Pallas matmul vs
+#                                      #      cuBLAS + the GELU kernel; on branch linear-gelu: measured, not
+#                                      #      kept), then the native attention tests
+#                                      #      (plain, cuDNN, auto) | GPU1 the native tangent, grad-of-JVP and
+#                                      #      qkv tests
+#   bash bench/gpu_step_session.sh z2  # the 512px step's plain attention calls (FM term, teacher): auto
+#                                      # (cuDNN at 1,024 tokens, its forward recomputed under remat) against
+#                                      # Pallas (residuals kept), batch 16, remat dots, one process per GPU,
+#                                      # the two GPUs in opposite orders
+#   bash bench/gpu_step_session.sh z3  # GPU0 bench/matmul_probe.py (cuBLAS against jax's Mosaic GPU Hopper
+#                                      # matmul at sampling's fc1) | GPU1 256px step + sampling again
+#   bash bench/gpu_step_session.sh z4  # kernels.matmul (the model's token-wise matmuls on jax's Hopper Mosaic
+#                                      # GPU matmul in undifferentiated calls): 256px step + sampling A/B
+#                                      # against .baseline/base.tgz on both GPUs (GPU0 before first, GPU1
+#                                      # after first); GPU1 first its native test (the code is on branch
+#                                      # hopper-matmul: measured, not kept)
 source "$(dirname "$0")/gpu_session_common.sh"
 run_tree() {  # run_tree DEVICE TREE TIMEOUT OUT ARGS...: bench/train_step.py of one code tree
   local dev=$1 tree=$2 t=$3 out=$4; shift 4
@@ -301,6 +325,74 @@ case "${1:-}" in
     wait
     for f in /tmp/log_ab_w_*.txt; do echo "--- $f"; tail -n 2 "$f"; done
     tail -n 3 "$OUT/pytest_gpu_residual_norm_modulate.log" ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w" >&2; exit 2 ;;
+  x)
+    log "GPU0 256px step + sampling, 512px dots | GPU1 GPU step test, native GELU + norm-modulate tests"
+    (CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -q -m gpu tests/test_attention_in_step.py \
+       -p no:cacheprovider > "$OUT/pytest_gpu_attention_in_step.log" 2>&1
+     CUDA_VISIBLE_DEVICES=1 timeout 120 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py \
+       -k "bias_gelu or norm_modulate" -p no:cacheprovider > "$OUT/pytest_gpu_memory_pass_kernels.log" 2>&1) &
+    run_tree 0 "$PWD" 100 train_step_sampling_h200_norm_kernel --variants default --sampling
+    run_tree 0 "$PWD" 110 train_step_h200_in512_dots_norm_kernel --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --variants default
+    wait
+    for f in /tmp/log_train_step_*.txt; do echo "--- $f"; tail -n 4 "$f"; done
+    tail -n 3 "$OUT/pytest_gpu_attention_in_step.log" "$OUT/pytest_gpu_memory_pass_kernels.log" ;;
+  y)
+    echo '{"jvp_bwd_one_kernel": true}' > /tmp/one_kernel.json
+    sweep_bwd() {  # sweep_bwd DEVICE SHAPES NAME TIMEOUT
+      CUDA_VISIBLE_DEVICES=$1 timeout 60 python3 bench/attention.py --shapes "$2" --no-xla --no-cudnn \
+        --kinds jvp_fwd_bwd --out "$OUT/attention_jvp_bwd_two_kernels_$3.json" > "/tmp/log_two_$3.txt" 2>&1
+      CUDA_VISIBLE_DEVICES=$1 timeout "$4" python3 bench/attention.py --shapes "$2" --no-cudnn \
+        --config /tmp/one_kernel.json --sweep --sweep-kernels jvp_bwd \
+        --out "$OUT/attention_jvp_bwd_one_kernel_sweep_$3.json" > "/tmp/log_one_$3.txt" 2>&1
+    }
+    log "one-kernel tangent backward: GPU0 head dim 64 | GPU1 head dim 128, then native bwd1 tests"
+    (sweep_bwd 1 "1,24,4096,128;1,24,1024,128" h200_hd128 200
+     CUDA_VISIBLE_DEVICES=1 timeout 230 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py -k bwd1 \
+       -p no:cacheprovider > "$OUT/pytest_gpu_one_kernel_bwd.log" 2>&1) &
+    sweep_bwd 0 "32,18,256,64;32,18,1024,64" h200_hd64 300
+    wait
+    for f in /tmp/log_two_*.txt /tmp/log_one_*.txt; do echo "--- $f"; grep -E "pallas +jvp_fwd_bwd|sweep jvp_bwd|rel err|best config:" "$f" | cut -c1-200; done
+    tail -n 3 "$OUT/pytest_gpu_one_kernel_bwd.log" ;;
+  z)
+    log "GPU0 linear_gelu sweep, native plain/cuDNN/auto tests | GPU1 native tangent/grad-of-JVP/qkv tests"
+    (CUDA_VISIBLE_DEVICES=1 timeout 330 python3 -m pytest -q -rs -m gpu kernels -k "tangent or grad_of_jvp or qkv" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_kernels_gpu1.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/linear_gelu.py --out "$OUT/linear_gelu_h200.json" > /tmp/log_lg.txt 2>&1
+    cat /tmp/log_lg.txt | cut -c1-160
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -rs -m gpu kernels \
+        -k "not (tangent or grad_of_jvp or qkv or bias_gelu or norm_modulate)" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_kernels_gpu0.log" 2>&1
+    wait
+    tail -n 4 "$OUT/pytest_gpu_kernels_gpu0.log" "$OUT/pytest_gpu_kernels_gpu1.log" ;;
+  z2)
+    log "512px plain attention: GPU0 auto then pallas | GPU1 pallas then auto"
+    (run_tree 1 "$PWD" 260 train_step_h200_in512_dots_plain_impl_gpu1 --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --variants pallas_attention,default) &
+    run_tree 0 "$PWD" 260 train_step_h200_in512_dots_plain_impl_gpu0 --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --variants default,pallas_attention
+    wait
+    for f in /tmp/log_train_step_h200_in512_*.txt; do echo "--- $f"; tail -n 3 "$f"; done ;;
+  z3)
+    log "GPU0 Mosaic GPU matmul probe | GPU1 256px step + sampling"
+    (run_tree 1 "$PWD" 110 train_step_sampling_h200_norm_kernel_repeat --variants default --sampling) &
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/matmul_probe.py --out "$OUT/matmul_probe_h200.json" \
+      > /tmp/log_probe.txt 2>&1
+    cut -c1-220 /tmp/log_probe.txt
+    wait
+    tail -n 4 /tmp/log_train_step_sampling_h200_norm_kernel_repeat.txt ;;
+  z4)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "hopper matmul A/B: GPU0 before, after, step test | GPU1 native test, after, before"
+    (CUDA_VISIBLE_DEVICES=1 timeout 60 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py -k mosaic \
+       -p no:cacheprovider > "$OUT/pytest_gpu_mosaic_matmul.log" 2>&1
+     run_tree 1 "$PWD" 110 ab_z4_after_gpu1 --variants default --sampling
+     run_tree 1 /tmp/base 110 ab_z4_before_gpu1 --variants default --sampling) &
+    run_tree 0 /tmp/base 110 ab_z4_before_gpu0 --variants default --sampling
+    run_tree 0 "$PWD" 110 ab_z4_after_gpu0 --variants default --sampling
+    wait
+    for f in /tmp/log_ab_z4_*.txt; do echo "--- $f"; tail -n 4 "$f"; done
+    tail -n 3 "$OUT/pytest_gpu_mosaic_matmul.log" ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4" >&2; exit 2 ;;
 esac
 log done

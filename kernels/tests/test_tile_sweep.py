@@ -46,3 +46,17 @@ def test_sweep_scripts_run_in_the_interpreter(tmp_path, script, argv):
     saved = json.loads(out.read_text())
     assert saved["best_tiles"] == report["best_tiles"] and len(saved["shapes"][0]["pallas"]) == 2
     assert all(r["ms"] is not None and r["max_ulps"] <= 1 for r in saved["shapes"][0]["pallas"])
+
+
+def test_matmul_probe_refuses_bad_shapes_and_a_cpu():
+    """bench/matmul_probe.py times Mosaic GPU kernels (no interpreter): on this CPU it must stop
+    with a message, not a traceback; a malformed --shape is named."""
+    sys.path.insert(0, ROOT)
+    try:
+        module = __import__("bench.matmul_probe", fromlist=["main"])
+    finally:
+        sys.path.remove(ROOT)
+    with pytest.raises(SystemExit, match="--shape: expected M,K,N"):
+        module.main(["--shape", "256,64"])
+    with pytest.raises(SystemExit, match="no GPU"):
+        module.main(["--shape", "256,64,128"])
