@@ -62,6 +62,7 @@ import jax.numpy as jnp  # noqa: E402
 from kernels import AttentionConfig, KernelConfig, attention  # noqa: E402
 from kernels import auto as auto_table  # noqa: E402
 from kernels.config import KERNEL_NAMES, padded_head_dim  # noqa: E402
+from kernels.tools.tile_sweep import write_json  # noqa: E402
 
 DEFAULT_SHAPES = "1,24,1024,128;1,24,4096,128;1,24,8192,128;1,1,16384,128;32,18,256,64;32,18,1024,64"
 FLOP_FACTOR = {"jvp_fwd": 12, "jvp_fwd_bwd": 36, "plain_fwd_bwd": 12, "plain_fwd": 4}
@@ -470,12 +471,6 @@ def main(argv=None):
         print(f"updated {args.table or auto_table.TABLE_PATH} with {len(entries)} entries")
     print_summary(report)
     return report
-
-
-def write_json(path, report):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
 
 
 def table_entries(report):

@@ -231,7 +231,6 @@ def test_native_bias_gelu(shape, dtype):
     assert max_ulps(got, exact, dtype) <= (1 if dtype == jnp.bfloat16 else 16)
 
 
-
 @pytest.mark.parametrize("shape", [(32, 256, 1152), (3, 333, 96)], ids=_id)
 def test_native_residual_norm_modulate(shape):
     """The block's second pre-norm kernel compiled at the model's width and a ragged shape: within
