@@ -79,7 +79,33 @@
 #                                      # against .baseline/base.tgz on both GPUs (GPU0 before first, GPU1
 #                                      # after first); GPU1 first its native test (the code is on branch
 #                                      # hopper-matmul: measured, not kept)
+#   bash bench/gpu_step_session.sh z5  # model.layer_loop: the layer scan against one traced copy per block,
+#                                      # one process each: GPU0 256px step + sampling, scan then unroll |
+#                                      # GPU1 512px step (batch 16, remat dots), unroll then scan (this ran
+#                                      # the first unrolled form, per-layer indexing; re-running it now
+#                                      # times the committed form)
+#   bash bench/gpu_step_session.sh z6  # layer_loop=unroll after the split fix (one concatenate of the per-layer
+#                                      # gradients): GPU0 256px step, then the 512px step (batch 16, remat
+#                                      # dots) | GPU1 the 256px step with prevent_cse=False (make_nocse: a
+#                                      # patched copy of the tree in /tmp/nocse), then the scan at 256px
+#   bash bench/gpu_step_session.sh z7  # layer_loop=unroll with prevent_cse=False (/tmp/nocse; the session's
+#                                      # tree had it at that point): GPU0 256px step + sampling, then 256px
+#                                      # without remat (this tree) | GPU1 the GPU step-vs-XLA test (with an
+#                                      # unrolled case), the 512px step (dots)
+#   bash bench/gpu_step_session.sh z8  # the unrolled loop where remat keeps its barriers (committed form):
+#                                      # GPU0 256px per-image rate at larger batches: batch 64 scan + dots
+#                                      # (the config) and unroll + no remat, batch 128 scan + dots | GPU1
+#                                      # 512px batch 16: unroll + no remat, unroll + remat block
+#   bash bench/gpu_step_session.sh z9  # the 256px headline command (configs/in256.py, global batch 2048, the
+#                                      # trainer's automatic micro-batch), one GPU each: GPU0 layer_loop=unroll
+#                                      # with remat none | GPU1 the config as committed before (scan, dots)
 source "$(dirname "$0")/gpu_session_common.sh"
+make_nocse() {  # /tmp/nocse: this tree with jax.checkpoint(prevent_cse=False) in the unrolled layer loop
+  rm -rf /tmp/nocse && mkdir -p /tmp/nocse && cp -r bench configs kernels tests tvm_jax pyproject.toml /tmp/nocse/ || return 1
+  sed -i 's/prevent_cse=cfg.layer_loop != "scan"/prevent_cse=False/' /tmp/nocse/tvm_jax/dit.py
+  grep -q "prevent_cse=False)" /tmp/nocse/tvm_jax/dit.py && ! grep -q "prevent_cse=cfg" /tmp/nocse/tvm_jax/dit.py \
+    || { echo "patch failed"; return 1; }
+}
 run_tree() {  # run_tree DEVICE TREE TIMEOUT OUT ARGS...: bench/train_step.py of one code tree
   local dev=$1 tree=$2 t=$3 out=$4; shift 4
   CUDA_VISIBLE_DEVICES=$dev PYTHONPATH=$tree:/tmp/site timeout "$t" python3 "$tree/bench/train_step.py" "$@" \
@@ -393,6 +419,65 @@ case "${1:-}" in
     wait
     for f in /tmp/log_ab_z4_*.txt; do echo "--- $f"; tail -n 4 "$f"; done
     tail -n 3 "$OUT/pytest_gpu_mosaic_matmul.log" ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4" >&2; exit 2 ;;
+  z5)
+    log "layer loop A/B: GPU0 256px + sampling, scan then unroll | GPU1 512px dots, unroll then scan"
+    (run_tree 1 "$PWD" 330 train_step_h200_in512_dots_layer_loop_unroll --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --set model.layer_loop=unroll --variants default
+     run_tree 1 "$PWD" 150 train_step_h200_in512_dots_layer_loop_scan --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --set model.layer_loop=scan --variants default) &
+    run_tree 0 "$PWD" 130 train_step_sampling_h200_layer_loop_scan --variants default --sampling \
+       --set model.layer_loop=scan
+    run_tree 0 "$PWD" 330 train_step_sampling_h200_layer_loop_unroll --variants default --sampling \
+       --set model.layer_loop=unroll
+    wait
+    for f in /tmp/log_train_step_*layer_loop*.txt; do echo "--- $f"; tail -n 4 "$f" | cut -c1-600; done ;;
+  z6)
+    make_nocse || exit 1
+    log "unroll (split): GPU0 256px then 512px dots | GPU1 256px unroll without CSE barriers, 256px scan"
+    (run_tree 1 /tmp/nocse 200 train_step_h200_layer_loop_unroll_nocse --variants default \
+       --set model.layer_loop=unroll
+     run_tree 1 "$PWD" 130 train_step_h200_layer_loop_scan_z6 --variants default --set model.layer_loop=scan) &
+    run_tree 0 "$PWD" 200 train_step_h200_layer_loop_unroll_split --variants default --set model.layer_loop=unroll
+    run_tree 0 "$PWD" 300 train_step_h200_in512_dots_layer_loop_unroll_split --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --set model.layer_loop=unroll --variants default
+    wait
+    for f in /tmp/log_train_step_*layer_loop*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-600; done ;;
+  z7)
+    log "unroll: GPU0 256px + sampling, 256px remat none | GPU1 GPU step test, 512px dots"
+    make_nocse || exit 1
+    (cd /tmp/nocse && CUDA_VISIBLE_DEVICES=1 PYTHONPATH=/tmp/nocse:/tmp/site timeout 200 python3 -m pytest -q -m gpu \
+       tests/test_attention_in_step.py -p no:cacheprovider > "$OUT/pytest_gpu_attention_in_step.log" 2>&1
+     run_tree 1 /tmp/nocse 280 train_step_h200_in512_dots_layer_loop_unroll_nocse --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=dots --set model.layer_loop=unroll --variants default) &
+    run_tree 0 /tmp/nocse 220 train_step_sampling_h200_layer_loop_unroll_nocse --variants default --sampling \
+       --set model.layer_loop=unroll
+    run_tree 0 "$PWD" 220 train_step_h200_layer_loop_unroll_remat_none --variants default \
+       --set model.layer_loop=unroll --set model.remat=none
+    wait
+    for f in /tmp/log_train_step_*layer_loop*.txt; do echo "--- $f"; tail -n 4 "$f" | cut -c1-600; done
+    tail -n 3 "$OUT/pytest_gpu_attention_in_step.log" ;;
+  z8)
+    log "GPU0 256px batch 64/128, scan+dots vs unroll+none | GPU1 512px batch 16 unroll, none and block"
+    (run_tree 1 "$PWD" 250 train_step_h200_in512_layer_loop_unroll_remat_none --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=none --set model.layer_loop=unroll --variants default
+     run_tree 1 "$PWD" 250 train_step_h200_in512_block_layer_loop_unroll --config configs/in512.py \
+       --batch_per_device 16 --set model.remat=block --set model.layer_loop=unroll --variants default) &
+    run_tree 0 "$PWD" 100 train_step_h200_b64_scan_dots --variants default --batch_per_device 64
+    run_tree 0 "$PWD" 220 train_step_h200_b64_layer_loop_unroll_remat_none --variants default --batch_per_device 64 \
+       --set model.remat=none --set model.layer_loop=unroll
+    run_tree 0 "$PWD" 120 train_step_h200_b128_scan_dots --variants default --batch_per_device 128
+    wait
+    for f in /tmp/log_train_step_*.txt; do echo "--- $f"; tail -n 2 "$f" | cut -c1-600; done ;;
+  z9)
+    log "256px headline: GPU0 unroll + remat none | GPU1 scan + dots"
+    (CUDA_VISIBLE_DEVICES=1 timeout 300 python3 bench/recipe_run.py --config configs/in256.py --steps 6 --timeout 295 \
+        --set model.layer_loop=scan --set model.remat=dots \
+        --out "$OUT/recipe_in256_h200_scan_dots.json" > /tmp/log_rs.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 465 python3 bench/recipe_run.py --config configs/in256.py --steps 6 --timeout 460 \
+        --set model.layer_loop=unroll --set model.remat=none \
+        --out "$OUT/recipe_in256_h200_unroll_none.json" > /tmp/log_ru.txt 2>&1
+    wait
+    tail -n 2 /tmp/log_ru.txt /tmp/log_rs.txt | cut -c1-400 ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9" >&2; exit 2 ;;
 esac
 log done

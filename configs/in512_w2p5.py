@@ -22,7 +22,9 @@ def get_config():
     c.model.size = "XL/2-18h"
     # Measured on an H200 (bench/NOTES.md): "block" with the attention outputs kept (model.save_attention,
     # the default) fits micro-batches of 64 and runs the recipe at 30.8 img/s (30.4 without them, at 128);
-    # "dots" is faster at batch 16 (539.6 vs 585.2 ms) but needs 53.5 GiB there.
+    # "dots" is faster at batch 16 (539.6 vs 585.2 ms) but needs 53.5 GiB there; the layer loop unrolled
+    # without remat (model.layer_loop="unroll", model.remat="none") took 490.7 ms at batch 16 (84 GiB),
+    # but the recipe with it (micro-batches of 16) was not measured, so it stays opt-in here.
     c.model.remat = "block"
     c.model.time_specinit = False
     c.objective.w = 2.5

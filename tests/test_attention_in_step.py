@@ -19,12 +19,14 @@ from tvm_jax.randomness import example_keys
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
-def _config(impl: str, *, hidden: int, heads: int, depth: int, size: int, remat: str = "none"):
+def _config(impl: str, *, hidden: int, heads: int, depth: int, size: int, remat: str = "none",
+            layer_loop: str = "scan"):
     c = load_config_file(os.path.join(CONFIGS, "in256.py"))
     c.data.source, c.data.shape, c.data.num_classes = "synthetic", (size, size, 4), 10
     c.model.size = "custom"
     c.model.hidden_size, c.model.num_heads, c.model.depth = hidden, heads, depth
     c.model.dtype, c.model.attention_impl, c.model.remat = "float32", impl, remat
+    c.model.layer_loop = layer_loop
     return c
 
 
@@ -51,10 +53,10 @@ def _relative(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _compare(impl: str, tolerance: float, remat: str = "none", **shape):
-    # the reference: XLA attention without rematerialisation
-    (loss, grads), (loss_ref, grads_ref) = (_loss_and_grads(_config(i, remat=r, **shape), batch=4)
-                                            for i, r in ((impl, remat), ("xla", "none")))
+def _compare(impl: str, tolerance: float, remat: str = "none", layer_loop: str = "scan", **shape):
+    # the reference: XLA attention without rematerialisation, layers in a scan
+    (loss, grads), (loss_ref, grads_ref) = (_loss_and_grads(_config(i, remat=r, layer_loop=l, **shape), batch=4)
+                                            for i, r, l in ((impl, remat, layer_loop), ("xla", "none", "scan")))
     assert np.isfinite(loss) and abs(loss - loss_ref) <= tolerance * abs(loss_ref), (loss, loss_ref)
     worst = max((_relative(g, r), jax.tree_util.keystr(path)) for (path, g), r in
                 zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_ref)))
@@ -66,8 +68,10 @@ def test_pallas_step_matches_xla_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl,remat", [("pallas", "none"), ("auto", "none"), ("pallas", "dots"), ("auto", "block")])
-def test_step_matches_xla_on_gpu(impl, remat):
+@pytest.mark.parametrize("impl,remat,layer_loop", [("pallas", "none", "scan"), ("auto", "none", "scan"),
+                                                   ("pallas", "dots", "scan"), ("auto", "block", "scan"),
+                                                   ("auto", "dots", "unroll")])
+def test_step_matches_xla_on_gpu(impl, remat, layer_loop):
     # Triton's float32 dots round like tf32 (about 3e-4 relative): a few times that over a step.
     # remat "dots"/"block" keep the attention kernels' outputs (model.save_attention, the default).
-    _compare(impl, 3e-3, remat=remat, hidden=128, heads=2, depth=2, size=32)  # head dim 64, 256 tokens
+    _compare(impl, 3e-3, remat=remat, layer_loop=layer_loop, hidden=128, heads=2, depth=2, size=32)  # head dim 64, 256 tokens

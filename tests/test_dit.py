@@ -190,6 +190,7 @@ def test_wrong_input_shape_is_a_clear_error():
     ("norm", dict(size="S/2", norm="batch"), "model.norm"),
     ("remat", dict(size="S/2", remat="everything"), "model.remat"),
     ("save_attention", dict(size="S/2", save_attention="yes"), "model.save_attention: must be a bool"),
+    ("layer_loop", dict(size="S/2", layer_loop="while"), "model.layer_loop: unknown layer loop 'while'"),
     ("depth", dict(size=None, hidden_size=64, depth=0, num_heads=4), "model.depth"),
 ])
 def test_bad_model_config_names_the_field(field, kwargs, match):
@@ -224,6 +225,36 @@ def test_remat_policies_leave_the_jvp_loss_and_gradients_unchanged(remat, save_a
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-7)
     assert sum(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads)) > len(jax.tree.leaves(grads)) // 2
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_unrolled_layers_give_the_scans_forward_jvp_loss_and_gradients(remat):
+    """``layer_loop="unroll"`` runs the same blocks with the same parameters one traced copy at a
+    time: the forward, the JVP loss and every gradient equal the scan's (float32, Pallas kernels in
+    the interpreter), and under remat nothing is saved stacked per layer."""
+    _, params = build_dit(DiTConfig.create(None, **PALLAS_TINY))
+    params = _random_params(params, jax.random.key(11), scale=0.2)
+    x = jax.random.normal(jax.random.key(12), (2, 8, 8, 3))
+    results = {}
+    for loop in ("scan", "unroll"):
+        config = DiTConfig.create(None, **PALLAS_TINY, remat=remat, layer_loop=loop)
+        apply, _ = build_dit(config)
+        forward = jax.jit(apply)(params, x, jnp.array([0.7, 0.3]), 0.2, jnp.array([2, 5]), 0.5)
+        (value, grads), loss = _jvp_loss_and_grads(config, params, x)
+        results[loop] = forward, value, grads, loss
+    (f_scan, l_scan, g_scan, _), (f_unroll, l_unroll, g_unroll, loss) = results["scan"], results["unroll"]
+    np.testing.assert_allclose(f_unroll, f_scan, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(l_unroll, l_scan, rtol=1e-6)
+    assert jax.tree.structure(g_unroll) == jax.tree.structure(g_scan)
+    for g, r in zip(jax.tree.leaves(g_unroll), jax.tree.leaves(g_scan)):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-7)
+    assert sum(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_unroll)) > len(jax.tree.leaves(g_unroll)) // 2
+    if remat == "dots":
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(loss, params)
+        shapes = [line.split(" ", 1)[0] for line in out.getvalue().splitlines() if line]
+        assert shapes and not any(f"[{TINY['depth']},2,16," in s for s in shapes), shapes
 
 
 @pytest.mark.parametrize("remat", ["dots", "block"])

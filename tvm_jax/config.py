@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention_impl = "auto"
     m.remat = "none"
     m.save_attention = True  # under remat, keep the attention kernels' outputs (no re-run in the backward)
+    m.layer_loop = "scan"  # or "unroll": one traced copy per block (longer compile, no stacked residuals)
     m.mlp_width = 256  # model.type == "mlp" only
     m.mlp_depth = 4
 
@@ -164,6 +165,7 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
         in_channels=int(ch), patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, num_classes=d.num_classes,
         time_specinit=m.time_specinit, learn_guidance=m.learn_guidance, dtype=m.dtype,
         attention_impl=m.attention_impl, remat=m.remat, save_attention=m.save_attention,
+        layer_loop=m.layer_loop,
     )
     for name in ("mod_norm", "qk_norm", "norm", "init", "hidden_size", "depth", "num_heads"):
         if m.get(name) is not None:

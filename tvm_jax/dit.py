@@ -23,8 +23,13 @@ DiT (LayerNorm pre-norms, no mod-norm, no QK-norm, xavier-uniform init).
 Design choices (not fixed by the official code):
 
 * Blocks are stored *stacked* (every block parameter has a leading ``depth`` axis) and run with
-  ``jax.lax.scan``; this keeps compile times short for XL models and makes rematerialisation one
-  switch (``remat``).
+  ``jax.lax.scan`` (``layer_loop="scan"``); this keeps compile times short for XL models and makes
+  rematerialisation one switch (``remat``). ``layer_loop="unroll"`` traces one copy of the block
+  per layer instead (same parameters, same numbers): compiles take about five times longer, but
+  activations saved for the backward are separate buffers rather than copies into per-layer
+  stacks, which makes ``remat="none"`` the fastest training step where memory allows (the 256px
+  recipes use it; ``bench/NOTES.md``). Each stacked parameter is split once, so the backward
+  assembles its gradient with one concatenate.
 * Under ``remat``, ``save_attention`` (default on) also keeps the Pallas attention kernels'
   outputs and row statistics (``kernels.RESIDUALS_NAME``), so the backward does not re-run the
   forward kernels.
@@ -61,6 +66,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 _NORMS = ("rms", "layer")
 _INITS = ("spectral", "xavier_uniform")
 _REMAT = ("none", "block", "dots")
+_LAYER_LOOPS = ("scan", "unroll")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 _ATTN_IMPLS = ("xla", "pallas", "auto")
 
@@ -91,6 +97,7 @@ class DiTConfig:
     attention_impl: str = "xla"
     remat: str = "none"
     save_attention: bool = True
+    layer_loop: str = "scan"
 
     @classmethod
     def create(cls, size: str | None = "XL/2-18h", *, lipschitz: bool = True, **overrides: Any) -> "DiTConfig":
@@ -128,6 +135,8 @@ class DiTConfig:
         need(self.norm in _NORMS, "norm", f"unknown norm {self.norm!r}; choose one of {_NORMS}")
         need(self.init in _INITS, "init", f"unknown init {self.init!r}; choose one of {_INITS}")
         need(self.remat in _REMAT, "remat", f"unknown remat policy {self.remat!r}; choose one of {_REMAT}")
+        need(self.layer_loop in _LAYER_LOOPS, "layer_loop",
+             f"unknown layer loop {self.layer_loop!r}; choose one of {_LAYER_LOOPS}")
         need(isinstance(self.save_attention, (bool, np.bool_)), "save_attention",
              f"must be a bool, got {self.save_attention!r}")
         need(self.dtype in _DTYPES, "dtype", f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
@@ -442,8 +451,22 @@ class DiT(nnx.Module):
             return nnx.merge(graphdef, state)(carry, c, jvp=jvp), None
 
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(cfg.remat, cfg.save_attention), prevent_cse=False)
-        tokens, _ = jax.lax.scan(body, tokens, block_state)
+            # Inside a scan, CSE cannot merge the recomputation with the forward. Unrolled it can, and
+            # on an H200 XLA then merged all of it: the memory of no remat (bench/NOTES.md). So the
+            # unrolled loop keeps the barriers: remat means remat; layer_loop="unroll" with
+            # remat="none" is the fast setting where memory allows.
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat, cfg.save_attention),
+                                  prevent_cse=cfg.layer_loop != "scan")
+        if cfg.layer_loop == "scan":
+            tokens, _ = jax.lax.scan(body, tokens, block_state)
+        else:  # one copy of the block per layer: no stacked buffers for saved activations
+            leaves, treedef = jax.tree.flatten(block_state)
+            # one split per stacked parameter: its transpose is one concatenate of the per-layer
+            # gradients (indexing layer by layer would pad each one to the stack and add them up)
+            pieces = [jnp.split(a, cfg.depth) for a in leaves]
+            for i in range(cfg.depth):
+                layer = treedef.unflatten([p[i].reshape(p[i].shape[1:]) for p in pieces])
+                tokens, _ = body(tokens, layer)
 
         out = _acc(self.final_layer(tokens, c))
         return unpatchify(out, cfg.patch_size, cfg.in_channels)

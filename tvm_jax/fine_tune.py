@@ -23,7 +23,7 @@ from tvm_jax.dit import DiT, DiTConfig
 from tvm_jax.networks import abstract_params, split_model
 
 # DiTConfig fields that do not change what the weights mean.
-COMPUTE_FIELDS = ("dtype", "attention_impl", "remat", "save_attention", "init", "time_specinit")
+COMPUTE_FIELDS = ("dtype", "attention_impl", "remat", "save_attention", "layer_loop", "init", "time_specinit")
 # Where a DiTConfig field comes from in the experiment config (default: model.<name>).
 CONFIG_FIELD = {"input_size": "data.shape", "in_channels": "data.shape", "num_classes": "data.num_classes"}
 
