@@ -9,7 +9,9 @@ device-local (no collective moves batch data), a micro-batch size that does not 
 per-device batch is refused before compiling, and the automatic choice against a memory limit.
 """
 import dataclasses
+import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -157,6 +159,28 @@ def _abstract_args(config, mesh, microbatch):
                                        sharding=shd.batch_sharding(mesh)),
              "label": jax.ShapeDtypeStruct((GLOBAL_BATCH,), jnp.int32, sharding=shd.batch_sharding(mesh))}
     return state, batch
+
+
+def test_each_compilation_of_the_step_is_logged_with_its_time(caplog):
+    """Sizing compiles the step once per size tried (about 100 s each for DiT-XL with unrolled
+    layers): each compilation says which size it is for before it starts, and how long it took."""
+    class Lowered:
+        def __init__(self, size):
+            self.size = size
+
+        def compile(self):
+            return self
+
+        def memory_analysis(self):
+            raise NotImplementedError
+
+    caplog.set_level(logging.INFO)
+    microbatching.compile_train_step(Lowered, 8, 2)
+    microbatching.compile_train_step(Lowered, 8, 0, memory_limit=10**9)
+    lines = [r.getMessage() for r in caplog.records]
+    for size in (2, 8):
+        start = lines.index(f"Compiling the training step for micro-batches of {size} per device ...")
+        assert re.fullmatch(rf"Compiled the step for micro-batches of {size} in \d+\.\d s", lines[start + 1]), lines
 
 
 def test_automatic_microbatch_size_is_the_largest_that_fits():

@@ -19,6 +19,7 @@ nothing is cached on disk. The benchmark scripts use the same function.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import jax
@@ -121,6 +122,16 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _compile(lower: Callable[[int], jax.stages.Lowered], size: int):
+    """``lower(size).compile()``, logged before and after: an XL step takes from 20 s (layer scan)
+    to about 100 s (unrolled layers) to compile, and automatic sizing may compile several."""
+    logging.info("Compiling the training step for micro-batches of %d per device ...", size)
+    start = time.perf_counter()
+    compiled = lower(size).compile()
+    logging.info("Compiled the step for micro-batches of %d in %.1f s", size, time.perf_counter() - start)
+    return compiled
+
+
 def compile_train_step(lower: Callable[[int], jax.stages.Lowered], per_device_batch: int, microbatch_size: int, *,
                        memory_limit: int | None = None, margin: float = SAFETY_MARGIN) -> CompiledStep:
     """Compiles ``lower(size)`` (the step lowered for micro-batches of ``size`` examples per
@@ -129,14 +140,14 @@ def compile_train_step(lower: Callable[[int], jax.stages.Lowered], per_device_ba
     Raises ``ValueError`` (naming the settings to change) when not even one example per device
     fits."""
     if microbatch_size:
-        compiled = lower(microbatch_size).compile()
+        compiled = _compile(lower, microbatch_size)
         choice = CompiledStep(microbatch_size, compiled, compiled_memory_bytes(compiled), None)
         logging.info("Micro-batch size %d per device (train.microbatch_size); estimated memory %s per device",
                      microbatch_size, _gib(choice.estimated_bytes))
         return choice
     limit = device_memory_limit() if memory_limit is None else memory_limit
     if limit is None:
-        compiled = lower(per_device_batch).compile()
+        compiled = _compile(lower, per_device_batch)
         logging.info("Micro-batch size %d per device (the whole per-device batch: the device reports no memory "
                      "limit); estimated memory %s per device", per_device_batch,
                      _gib(compiled_memory_bytes(compiled)))
@@ -148,7 +159,7 @@ def compile_train_step(lower: Callable[[int], jax.stages.Lowered], per_device_ba
     while i < len(candidates):
         size = candidates[i]
         try:
-            compiled = lower(size).compile()
+            compiled = _compile(lower, size)
         except jax.errors.JaxRuntimeError as e:  # XLA may give up on memory while compiling
             if not is_out_of_memory(e):
                 raise
