@@ -99,6 +99,9 @@
 #   bash bench/gpu_step_session.sh z9  # the 256px headline command (configs/in256.py, global batch 2048, the
 #                                      # trainer's automatic micro-batch), one GPU each: GPU0 layer_loop=unroll
 #                                      # with remat none | GPU1 the config as committed before (scan, dots)
+# The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
+# "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
+# remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
 source "$(dirname "$0")/gpu_session_common.sh"
 make_nocse() {  # /tmp/nocse: this tree with jax.checkpoint(prevent_cse=False) in the unrolled layer loop
   rm -rf /tmp/nocse && mkdir -p /tmp/nocse && cp -r bench configs kernels tests tvm_jax pyproject.toml /tmp/nocse/ || return 1
@@ -426,18 +429,20 @@ case "${1:-}" in
      run_tree 1 "$PWD" 150 train_step_h200_in512_dots_layer_loop_scan --config configs/in512.py \
        --batch_per_device 16 --set model.remat=dots --set model.layer_loop=scan --variants default) &
     run_tree 0 "$PWD" 130 train_step_sampling_h200_layer_loop_scan --variants default --sampling \
-       --set model.layer_loop=scan
+       --set model.layer_loop=scan --set model.remat=dots
     run_tree 0 "$PWD" 330 train_step_sampling_h200_layer_loop_unroll --variants default --sampling \
-       --set model.layer_loop=unroll
+       --set model.layer_loop=unroll --set model.remat=dots
     wait
     for f in /tmp/log_train_step_*layer_loop*.txt; do echo "--- $f"; tail -n 4 "$f" | cut -c1-600; done ;;
   z6)
     make_nocse || exit 1
     log "unroll (split): GPU0 256px then 512px dots | GPU1 256px unroll without CSE barriers, 256px scan"
     (run_tree 1 /tmp/nocse 200 train_step_h200_layer_loop_unroll_nocse --variants default \
-       --set model.layer_loop=unroll
-     run_tree 1 "$PWD" 130 train_step_h200_layer_loop_scan_z6 --variants default --set model.layer_loop=scan) &
-    run_tree 0 "$PWD" 200 train_step_h200_layer_loop_unroll_split --variants default --set model.layer_loop=unroll
+       --set model.layer_loop=unroll --set model.remat=dots
+     run_tree 1 "$PWD" 130 train_step_h200_layer_loop_scan_z6 --variants default --set model.layer_loop=scan \
+       --set model.remat=dots) &
+    run_tree 0 "$PWD" 200 train_step_h200_layer_loop_unroll_split --variants default --set model.layer_loop=unroll \
+       --set model.remat=dots
     run_tree 0 "$PWD" 300 train_step_h200_in512_dots_layer_loop_unroll_split --config configs/in512.py \
        --batch_per_device 16 --set model.remat=dots --set model.layer_loop=unroll --variants default
     wait
@@ -450,7 +455,7 @@ case "${1:-}" in
      run_tree 1 /tmp/nocse 280 train_step_h200_in512_dots_layer_loop_unroll_nocse --config configs/in512.py \
        --batch_per_device 16 --set model.remat=dots --set model.layer_loop=unroll --variants default) &
     run_tree 0 /tmp/nocse 220 train_step_sampling_h200_layer_loop_unroll_nocse --variants default --sampling \
-       --set model.layer_loop=unroll
+       --set model.layer_loop=unroll --set model.remat=dots
     run_tree 0 "$PWD" 220 train_step_h200_layer_loop_unroll_remat_none --variants default \
        --set model.layer_loop=unroll --set model.remat=none
     wait
@@ -462,10 +467,12 @@ case "${1:-}" in
        --batch_per_device 16 --set model.remat=none --set model.layer_loop=unroll --variants default
      run_tree 1 "$PWD" 250 train_step_h200_in512_block_layer_loop_unroll --config configs/in512.py \
        --batch_per_device 16 --set model.remat=block --set model.layer_loop=unroll --variants default) &
-    run_tree 0 "$PWD" 100 train_step_h200_b64_scan_dots --variants default --batch_per_device 64
+    run_tree 0 "$PWD" 100 train_step_h200_b64_scan_dots --variants default --batch_per_device 64 \
+       --set model.layer_loop=scan --set model.remat=dots
     run_tree 0 "$PWD" 220 train_step_h200_b64_layer_loop_unroll_remat_none --variants default --batch_per_device 64 \
        --set model.remat=none --set model.layer_loop=unroll
-    run_tree 0 "$PWD" 120 train_step_h200_b128_scan_dots --variants default --batch_per_device 128
+    run_tree 0 "$PWD" 120 train_step_h200_b128_scan_dots --variants default --batch_per_device 128 \
+       --set model.layer_loop=scan --set model.remat=dots
     wait
     for f in /tmp/log_train_step_*.txt; do echo "--- $f"; tail -n 2 "$f" | cut -c1-600; done ;;
   z9)

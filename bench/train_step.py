@@ -15,7 +15,7 @@ data-parallel mesh of all visible devices. For every variant it reports:
   rematerialisation not counted) divided by step time, by the device count and by the chip's
   measured dense bf16 matmul peak (``--peak_tflops``, 790 from ANCHORS.md). XLA's own
   ``cost_analysis()`` count is stored too but is not usable here: it counts the body of the
-  layer scan once and cannot see inside Pallas kernels.
+  layer scan once (``model.layer_loop="scan"``) and cannot see inside Pallas kernels.
 
 Variants (``--variants``, comma list): ``default`` (the config as given), ``detach_jvp``,
 ``naive`` (the naive DiT: no Lipschitz changes), ``xla_attention``/``pallas_attention`` (force an
