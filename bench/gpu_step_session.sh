@@ -99,6 +99,21 @@
 #   bash bench/gpu_step_session.sh z9  # the 256px headline command (configs/in256.py, global batch 2048, the
 #                                      # trainer's automatic micro-batch), one GPU each: GPU0 layer_loop=unroll
 #                                      # with remat none | GPU1 the config as committed before (scan, dots)
+#   bash bench/gpu_step_session.sh z10 # GPU0 the 512px headline command (configs/in512.py) unrolled without
+#                                      # remat at micro-batches of 16 | GPU1 the same command as committed
+#                                      # (scan, remat block, automatic micro-batch), then the attribution
+#                                      # profile of the 256px step as committed (unrolled, no remat;
+#                                      # command buffers off)
+#   bash bench/gpu_step_session.sh z11 # the barrier on the unrolled loop's stacked gradients (tvm_jax/dit.py) A/B
+#                                      # against .baseline/base.tgz (main before it): GPU0 256px step before,
+#                                      # after (+ sampling), then the attribution profile after (command
+#                                      # buffers off) | GPU1 512px batch 16 (unrolled, no remat) after, before
+#   bash bench/gpu_step_session.sh z12 # with the gradient barrier: GPU0 the 256px headline command (configs/in256.py,
+#                                      # 6 steps) | GPU1 the 512px headline command unrolled without remat
+#                                      # at micro-batches of 16 (3 steps), then the GPU step-vs-XLA test's
+#                                      # unrolled cases (the scan cases do not run the changed code)
+#   bash bench/gpu_step_session.sh z13 # the committed code (gradient barrier): the 256px step and sampling on both
+#                                      # GPUs at the same time (two runs of the same tree)
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -485,6 +500,48 @@ case "${1:-}" in
         --out "$OUT/recipe_in256_h200_unroll_none.json" > /tmp/log_ru.txt 2>&1
     wait
     tail -n 2 /tmp/log_ru.txt /tmp/log_rs.txt | cut -c1-400 ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9" >&2; exit 2 ;;
+  z10)
+    log "512px headline: GPU0 unroll + remat none, micro-batch 16 | GPU1 scan + block (as committed), 256px profile"
+    (CUDA_VISIBLE_DEVICES=1 timeout 330 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 325 \
+        --out "$OUT/recipe_in512_h200_scan_block_z10.json" > /tmp/log_rb.txt 2>&1
+     CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 220 python3 bench/train_step.py \
+        --variants default --profile --out "$OUT/profile_h200_attribution_in256_unroll_none.json" > /tmp/log_p.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 545 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 540 \
+        --set model.layer_loop=unroll --set model.remat=none --set train.microbatch_size=16 \
+        --out "$OUT/recipe_in512_h200_unroll_none_mb16.json" > /tmp/log_ru.txt 2>&1
+    wait
+    tail -n 2 /tmp/log_ru.txt /tmp/log_rb.txt /tmp/log_p.txt | cut -c1-500 ;;
+  z11)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "gradient barrier A/B: GPU0 256px before, after (+ sampling), profile after | GPU1 512px after, before"
+    (run_tree 1 "$PWD" 260 train_step_h200_in512_unroll_none_grad_barrier --config configs/in512.py \
+       --batch_per_device 16 --set model.layer_loop=unroll --set model.remat=none --variants default
+     run_tree 1 /tmp/base 260 train_step_h200_in512_unroll_none_before_grad_barrier --config configs/in512.py \
+       --batch_per_device 16 --set model.layer_loop=unroll --set model.remat=none --variants default) &
+    run_tree 0 /tmp/base 190 train_step_h200_unroll_none_before_grad_barrier --variants default
+    run_tree 0 "$PWD" 230 train_step_sampling_h200_grad_barrier --variants default --sampling
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= run_tree 0 "$PWD" 150 profile_h200_attribution_in256_grad_barrier \
+       --variants default --profile
+    wait
+    for f in /tmp/log_*grad_barrier*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  z12)
+    log "headline commands with the gradient barrier: GPU0 256px | GPU1 512px (micro-batch 16), GPU step test"
+    (CUDA_VISIBLE_DEVICES=1 timeout 380 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 375 \
+        --set model.layer_loop=unroll --set model.remat=none --set train.microbatch_size=16 \
+        --out "$OUT/recipe_in512_h200_unroll_none_mb16_grad_barrier.json" > /tmp/log_r512.txt 2>&1
+     CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll -p no:cacheprovider \
+        > "$OUT/pytest_gpu_h200_attention_in_step_grad_barrier.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 500 python3 bench/recipe_run.py --config configs/in256.py --steps 6 --timeout 495 \
+        --out "$OUT/recipe_in256_h200_grad_barrier.json" > /tmp/log_r256.txt 2>&1
+    wait
+    tail -n 2 /tmp/log_r256.txt /tmp/log_r512.txt | cut -c1-500
+    tail -n 3 "$OUT/pytest_gpu_h200_attention_in_step_grad_barrier.log" ;;
+  z13)
+    log "256px step + sampling, the same tree on both GPUs"
+    run_tree 1 "$PWD" 240 train_step_sampling_h200_grad_barrier_gpu1 --variants default --sampling &
+    run_tree 0 "$PWD" 240 train_step_sampling_h200_grad_barrier_gpu0 --variants default --sampling
+    wait
+    for f in /tmp/log_*grad_barrier_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13" >&2; exit 2 ;;
 esac
 log done

@@ -21,12 +21,13 @@ from tvm_jax.config import RAW_MEAN_256, RAW_STD_256, base_config
 def get_config():
     c = base_config()
     c.model.size = "XL/2-18h"
-    # Measured on an H200 (bench/NOTES.md, "The layer loop unrolled"): one traced copy per block and
-    # no remat runs this recipe at 155.8 img/s (the trainer picks micro-batches of 64, 86.5 GiB),
-    # against 138.0 img/s for the layer scan with remat "dots" (also micro-batch 64) on the same
-    # machine; a step of 32 takes 240.1 ms (49 GiB) against 251.3. The price: about 100 s of
-    # compilation per micro-batch size tried, against 20. With less memory the trainer picks smaller
-    # micro-batches (32 took 49 GiB); on 80 GB GPUs the scan with "dots" may be the faster: not measured.
+    # Measured on an H200 (bench/NOTES.md, items 23-24): one traced copy per block and no remat runs
+    # this recipe at 155.8 img/s (the trainer picks micro-batches of 64, 86.5 GiB), against 138.0
+    # img/s for the layer scan with remat "dots" (also micro-batch 64) on the same machine (157.5
+    # with the gradient barrier of item 24, another machine); a step of 32 takes 225.6 ms (49 GiB).
+    # The price: about 100 s of compilation per micro-batch size tried, against 20. With less memory
+    # the trainer picks smaller micro-batches; on 80 GB GPUs the scan with "dots" may be the faster:
+    # not measured.
     c.model.layer_loop = "unroll"
     c.model.remat = "none"
     c.model.time_specinit = True

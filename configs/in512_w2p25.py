@@ -23,12 +23,15 @@ from tvm_jax.config import RAW_MEAN_512, RAW_STD_512, base_config
 def get_config():
     c = base_config()
     c.model.size = "XL/2-18h"
-    # Measured on an H200 (bench/NOTES.md): "block" with the attention outputs kept (model.save_attention,
-    # the default) fits micro-batches of 64 and runs the recipe at 30.8 img/s (30.4 without them, at 128);
-    # "dots" is faster at batch 16 (539.6 vs 585.2 ms) but needs 53.5 GiB there; the layer loop unrolled
-    # without remat (model.layer_loop="unroll", model.remat="none") took 490.7 ms at batch 16 (84 GiB),
-    # but the recipe with it (micro-batches of 16) was not measured, so it stays opt-in here.
-    c.model.remat = "block"
+    # Measured on an H200 (bench/NOTES.md, items 23-24): one traced copy per block and no remat runs
+    # this recipe in micro-batches of 16 (86.8 GiB; 32 does not fit) at 35.2 img/s, against 31.2 for
+    # the layer scan with remat "block" in micro-batches of 64 (the default before), the same machine
+    # at the same time (34.7 with the gradient barrier of item 24, another machine); a step of 16
+    # takes 485.3 ms. The price: about 120 s of compilation per micro-batch size tried. With less
+    # memory the trainer picks smaller micro-batches; on 80 GB GPUs the scan with "block" may be the
+    # faster: not measured.
+    c.model.layer_loop = "unroll"
+    c.model.remat = "none"
     c.model.time_specinit = True
     c.objective.w = 2.25
     c.objective.scaled_param = True

@@ -70,7 +70,7 @@ def test_pallas_step_matches_xla_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,remat,layer_loop", [("pallas", "none", "scan"), ("auto", "none", "scan"),
                                                    ("pallas", "dots", "scan"), ("auto", "block", "scan"),
-                                                   ("auto", "dots", "unroll")])
+                                                   ("auto", "dots", "unroll"), ("auto", "none", "unroll")])
 def test_step_matches_xla_on_gpu(impl, remat, layer_loop):
     # Triton's float32 dots round like tf32 (about 3e-4 relative): a few times that over a step.
     # remat "dots"/"block" keep the attention kernels' outputs (model.save_attention, the default).

@@ -461,9 +461,12 @@ class DiT(nnx.Module):
             tokens, _ = jax.lax.scan(body, tokens, block_state)
         else:  # one copy of the block per layer: no stacked buffers for saved activations
             leaves, treedef = jax.tree.flatten(block_state)
-            # one split per stacked parameter: its transpose is one concatenate of the per-layer
-            # gradients (indexing layer by layer would pad each one to the stack and add them up)
-            pieces = [jnp.split(a, cfg.depth) for a in leaves]
+            # One split per stacked parameter: its transpose is one concatenate of the per-layer
+            # gradients (indexing layer by layer would pad each one to the stack and add them up).
+            # The barrier (a no-op forward) transposes to a barrier on that concatenate, so the
+            # backward writes each stacked gradient once; without it XLA fused the 28-operand
+            # concatenate into the optimiser and EMA updates (bench/NOTES.md).
+            pieces = [jnp.split(jax.lax.optimization_barrier(a), cfg.depth) for a in leaves]
             for i in range(cfg.depth):
                 layer = treedef.unflatten([p[i].reshape(p[i].shape[1:]) for p in pieces])
                 tokens, _ = body(tokens, layer)
