@@ -200,7 +200,8 @@ def test_bad_model_config_names_the_field(field, kwargs, match):
         DiTConfig.create(size, **kwargs)
 
 
-def _jvp_loss_and_grads(config, params, x):
+def _jvp_loss(config, x):
+    """A loss of the network's output and its JVP along s (the shape of the TVM objective)."""
     apply, _ = build_dit(config)
     t, s = jnp.array([0.9, 0.4]), jnp.array([0.2, 0.1])
 
@@ -208,6 +209,11 @@ def _jvp_loss_and_grads(config, params, x):
         F, dF = jax.jvp(lambda s_: apply(p, x, t, t - s_, jnp.array([1, 3]), 0.5, jvp=True), (s,), (jnp.ones_like(s),))
         return jnp.mean(F ** 2) + jnp.mean(dF ** 2)
 
+    return loss
+
+
+def _jvp_loss_and_grads(config, params, x):
+    loss = _jvp_loss(config, x)
     return jax.jit(jax.value_and_grad(loss))(params), loss
 
 
@@ -269,8 +275,7 @@ def test_unrolled_backward_writes_each_stacked_gradient_once():
     config = DiTConfig.create(None, **{**PALLAS_TINY, "depth": depth}, layer_loop="unroll")
     _, params = build_dit(config)
     x = jax.random.normal(jax.random.key(13), (2, 8, 8, 3))
-    _, loss = _jvp_loss_and_grads(config, params, x)
-    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    text = jax.jit(jax.grad(_jvp_loss(config, x))).lower(params).as_text()
     concat = re.compile(r"(%[\w#]+) = stablehlo\.concatenate ((?:%[\w#]+, )*%[\w#]+), dim = 0 : .*-> tensor<" + str(depth) + "x")
     stacked_grads = {m.group(1) for m in concat.finditer(text) if m.group(2).count("%") == depth}
     barriers = set(re.findall(r"stablehlo\.optimization_barrier ([^:]*) :", text))
