@@ -124,6 +124,11 @@ make_nocse() {  # /tmp/nocse: this tree with jax.checkpoint(prevent_cse=False) i
   grep -q "prevent_cse=False)" /tmp/nocse/tvm_jax/dit.py && ! grep -q "prevent_cse=cfg" /tmp/nocse/tvm_jax/dit.py \
     || { echo "patch failed"; return 1; }
 }
+run_recipe() {  # run_recipe DEVICE TIMEOUT OUT CONFIG STEPS ARGS...: bench/recipe_run.py, its own limit 5 s shorter
+  local dev=$1 t=$2 out=$3 config=$4 steps=$5; shift 5
+  CUDA_VISIBLE_DEVICES=$dev timeout "$t" python3 bench/recipe_run.py --config "$config" --steps "$steps" \
+    --timeout $((t - 5)) "$@" --out "$OUT/$out.json" > "/tmp/log_$out.txt" 2>&1
+}
 run_tree() {  # run_tree DEVICE TREE TIMEOUT OUT ARGS...: bench/train_step.py of one code tree
   local dev=$1 tree=$2 t=$3 out=$4; shift 4
   CUDA_VISIBLE_DEVICES=$dev PYTHONPATH=$tree:/tmp/site timeout "$t" python3 "$tree/bench/train_step.py" "$@" \
@@ -182,15 +187,14 @@ case "${1:-}" in
     tail -n 3 "$OUT/pytest_gpu_attention_in_step.log" ;;
   j)
     log "GPU0 kernel suite, 256px step and sampling repeat | GPU1 512px headline"
-    (CUDA_VISIBLE_DEVICES=1 timeout 335 python3 bench/recipe_run.py --config configs/in512.py --steps 2 --timeout 330 \
-        --out "$OUT/recipe_in512_save_attention.json" > /tmp/log_r512.txt 2>&1) &
+    run_recipe 1 335 recipe_in512_save_attention configs/in512.py 2 &
     CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m pytest -q -rs -m gpu kernels > "$OUT/pytest_gpu_kernels.log" 2>&1
     CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/train_step.py --variants default \
         --out "$OUT/train_step_in256_repeat.json" > /tmp/log_256.txt 2>&1
     CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/train_step.py --variants "" --sampling \
         --out "$OUT/sampling_in256_repeat.json" > /tmp/log_samp.txt 2>&1
     wait
-    tail -n 3 "$OUT/pytest_gpu_kernels.log" /tmp/log_256.txt /tmp/log_samp.txt /tmp/log_r512.txt ;;
+    tail -n 3 "$OUT/pytest_gpu_kernels.log" /tmp/log_256.txt /tmp/log_samp.txt /tmp/log_recipe_in512_save_attention.txt ;;
   k)
     NOCB=--xla_gpu_enable_command_buffer=
     log "attribution: GPU0 256px | GPU1 512px block, dots"
@@ -206,12 +210,10 @@ case "${1:-}" in
     tail -n 2 /tmp/log_a256.txt /tmp/log_a512b.txt /tmp/log_a512d.txt ;;
   l)
     log "512px headline: GPU0 save_attention on | GPU1 off"
-    (CUDA_VISIBLE_DEVICES=1 timeout 425 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 420 \
-        --set model.save_attention=false --out "$OUT/recipe_in512_recompute_attention.json" > /tmp/log_off.txt 2>&1) &
-    CUDA_VISIBLE_DEVICES=0 timeout 425 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 420 \
-        --out "$OUT/recipe_in512_save_attention.json" > /tmp/log_on.txt 2>&1
+    run_recipe 1 425 recipe_in512_recompute_attention configs/in512.py 3 --set model.save_attention=false &
+    run_recipe 0 425 recipe_in512_save_attention configs/in512.py 3
     wait
-    tail -n 1 /tmp/log_on.txt /tmp/log_off.txt ;;
+    tail -n 1 /tmp/log_recipe_in512_save_attention.txt /tmp/log_recipe_in512_recompute_attention.txt ;;
   m)
     # name=flags pairs; "base" runs without flags. Each JSON records its XLA_FLAGS.
     FLAGS=("base=" "dsf=--xla_gpu_enable_dynamic_slice_fusion=true"
@@ -492,25 +494,19 @@ case "${1:-}" in
     for f in /tmp/log_train_step_*.txt; do echo "--- $f"; tail -n 2 "$f" | cut -c1-600; done ;;
   z9)
     log "256px headline: GPU0 unroll + remat none | GPU1 scan + dots"
-    (CUDA_VISIBLE_DEVICES=1 timeout 300 python3 bench/recipe_run.py --config configs/in256.py --steps 6 --timeout 295 \
-        --set model.layer_loop=scan --set model.remat=dots \
-        --out "$OUT/recipe_in256_h200_scan_dots.json" > /tmp/log_rs.txt 2>&1) &
-    CUDA_VISIBLE_DEVICES=0 timeout 465 python3 bench/recipe_run.py --config configs/in256.py --steps 6 --timeout 460 \
-        --set model.layer_loop=unroll --set model.remat=none \
-        --out "$OUT/recipe_in256_h200_unroll_none.json" > /tmp/log_ru.txt 2>&1
+    run_recipe 1 300 recipe_in256_h200_scan_dots configs/in256.py 6 --set model.layer_loop=scan --set model.remat=dots &
+    run_recipe 0 465 recipe_in256_h200_unroll_none configs/in256.py 6 --set model.layer_loop=unroll --set model.remat=none
     wait
-    tail -n 2 /tmp/log_ru.txt /tmp/log_rs.txt | cut -c1-400 ;;
+    tail -n 2 /tmp/log_recipe_in256_h200_unroll_none.txt /tmp/log_recipe_in256_h200_scan_dots.txt | cut -c1-400 ;;
   z10)
     log "512px headline: GPU0 unroll + remat none, micro-batch 16 | GPU1 scan + block (as committed), 256px profile"
-    (CUDA_VISIBLE_DEVICES=1 timeout 330 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 325 \
-        --out "$OUT/recipe_in512_h200_scan_block_z10.json" > /tmp/log_rb.txt 2>&1
+    (run_recipe 1 330 recipe_in512_h200_scan_block_z10 configs/in512.py 3
      CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 220 python3 bench/train_step.py \
         --variants default --profile --out "$OUT/profile_h200_attribution_in256_unroll_none.json" > /tmp/log_p.txt 2>&1) &
-    CUDA_VISIBLE_DEVICES=0 timeout 545 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 540 \
-        --set model.layer_loop=unroll --set model.remat=none --set train.microbatch_size=16 \
-        --out "$OUT/recipe_in512_h200_unroll_none_mb16.json" > /tmp/log_ru.txt 2>&1
+    run_recipe 0 545 recipe_in512_h200_unroll_none_mb16 configs/in512.py 3 \
+        --set model.layer_loop=unroll --set model.remat=none --set train.microbatch_size=16
     wait
-    tail -n 2 /tmp/log_ru.txt /tmp/log_rb.txt /tmp/log_p.txt | cut -c1-500 ;;
+    tail -n 2 /tmp/log_recipe_in512_h200_*.txt /tmp/log_p.txt | cut -c1-500 ;;
   z11)
     mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
     log "gradient barrier A/B: GPU0 256px before, after (+ sampling), profile after | GPU1 512px after, before"
@@ -526,15 +522,13 @@ case "${1:-}" in
     for f in /tmp/log_*grad_barrier*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
   z12)
     log "headline commands with the gradient barrier: GPU0 256px | GPU1 512px (micro-batch 16), GPU step test"
-    (CUDA_VISIBLE_DEVICES=1 timeout 380 python3 bench/recipe_run.py --config configs/in512.py --steps 3 --timeout 375 \
-        --set model.layer_loop=unroll --set model.remat=none --set train.microbatch_size=16 \
-        --out "$OUT/recipe_in512_h200_unroll_none_mb16_grad_barrier.json" > /tmp/log_r512.txt 2>&1
+    (run_recipe 1 380 recipe_in512_h200_unroll_none_mb16_grad_barrier configs/in512.py 3 \
+        --set model.layer_loop=unroll --set model.remat=none --set train.microbatch_size=16
      CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll -p no:cacheprovider \
         > "$OUT/pytest_gpu_h200_attention_in_step_grad_barrier.log" 2>&1) &
-    CUDA_VISIBLE_DEVICES=0 timeout 500 python3 bench/recipe_run.py --config configs/in256.py --steps 6 --timeout 495 \
-        --out "$OUT/recipe_in256_h200_grad_barrier.json" > /tmp/log_r256.txt 2>&1
+    run_recipe 0 500 recipe_in256_h200_grad_barrier configs/in256.py 6
     wait
-    tail -n 2 /tmp/log_r256.txt /tmp/log_r512.txt | cut -c1-500
+    tail -n 2 /tmp/log_recipe_*grad_barrier.txt | cut -c1-500
     tail -n 3 "$OUT/pytest_gpu_h200_attention_in_step_grad_barrier.log" ;;
   z13)
     log "256px step + sampling, the same tree on both GPUs"
