@@ -114,6 +114,10 @@
 #                                      # unrolled cases (the scan cases do not run the changed code)
 #   bash bench/gpu_step_session.sh z13 # the committed code (gradient barrier): the 256px step and sampling on both
 #                                      # GPUs at the same time (two runs of the same tree)
+#   bash bench/gpu_step_session.sh z14 # one per-layer split shared by the objective's two student calls
+#                                      # (Network.prepare) A/B against .baseline/base.tgz (main before it):
+#                                      # GPU0 256px step before, after, then the attribution profile after
+#                                      # (command buffers off) with its optimised HLO | GPU1 after, before
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -536,6 +540,18 @@ case "${1:-}" in
     run_tree 0 "$PWD" 240 train_step_sampling_h200_grad_barrier_gpu0 --variants default --sampling
     wait
     for f in /tmp/log_*grad_barrier_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13" >&2; exit 2 ;;
+  z14)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "one split for both student calls, A/B against main: GPU0 before, after, profile + HLO after | GPU1 after, before"
+    (run_tree 1 "$PWD" 180 train_step_h200_shared_split_gpu1 --variants default
+     run_tree 1 /tmp/base 180 train_step_h200_before_shared_split_gpu1 --variants default) &
+    run_tree 0 /tmp/base 180 train_step_h200_before_shared_split_gpu0 --variants default
+    run_tree 0 "$PWD" 180 train_step_h200_shared_split_gpu0 --variants default
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= run_tree 0 "$PWD" 200 profile_h200_attribution_in256_shared_split \
+       --variants default --profile --hlo_dir /tmp/hlo
+    tar -C /tmp -czf "$OUT/hlo_h200_in256_shared_split.tgz" hlo 2>/dev/null
+    wait
+    for f in /tmp/log_*shared_split*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14" >&2; exit 2 ;;
 esac
 log done

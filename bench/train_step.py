@@ -194,7 +194,8 @@ def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False,
         state = jax.jit(init, out_shardings=state_sh, donate_argnums=(0,))(net.params)
         del net.params
         step_fn = make_train_step(net.apply, make_objective(objective_config(config)), opt, train_step_config(config),
-                                  batch_sharding=shd.batch_sharding(mesh), param_shardings=state_sh.params)
+                                  batch_sharding=shd.batch_sharding(mesh), param_shardings=state_sh.params,
+                                  prepare_params=net.prepare)
         batch_sh = shd.batch_sharding(mesh)
         jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                          donate_argnums=(0,))

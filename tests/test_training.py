@@ -1,5 +1,6 @@
 """The pure training step: EMAs, non-finite skipping, clipping, sharded == single-device."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 
 from tvm_jax import sharding as shd
 from tvm_jax.config import load_config_file, objective_config, train_step_config
-from tvm_jax.networks import build_network
+from tvm_jax.networks import LayeredParams, build_network, layered_params
 from tvm_jax.objectives import make_objective
 from tvm_jax.training import init_train_state, make_optimizer, make_train_step
 
@@ -84,6 +85,65 @@ def test_non_finite_step_is_skipped_counted_and_recovered():
         np.testing.assert_array_equal(a, b)
     recovered, metrics = step(after, _batch(c, 16, 3))
     assert int(metrics["skipped"]) == 0 and int(recovered.consecutive_skipped) == 0 and int(recovered.skipped) == 1
+
+
+def _stacked_concatenates(text: str, depth: int) -> int:
+    """Concatenates of ``depth`` operands along axis 0 in lowered StableHLO: the transposes of
+    the unrolled DiT's per-layer splits (a stacked gradient assembled from its layers)."""
+    concat = re.compile(r"= stablehlo\.concatenate ((?:%[\w#]+, )*%[\w#]+), dim = 0 : .*-> tensor<" + str(depth) + "x")
+    return sum(m.group(1).count("%") == depth for m in concat.finditer(text))
+
+
+def test_unrolled_dit_splits_its_layers_once_for_both_student_calls():
+    """TVM calls the student twice (the JVP and the flow-matching term). With the layers
+    unrolled, each call used to split the stacked block parameters itself, so the backward
+    assembled every stacked gradient twice (two concatenates, then an add: 6.4 ms of the 256px
+    step on an H200, bench/NOTES.md item 24). ``Network.prepare`` splits once inside the
+    differentiated loss: one concatenate per stacked parameter, and the same update."""
+    c = _dit_config()
+    c.model.depth, c.model.layer_loop = 3, "unroll"
+    net = build_network(c)
+    assert net.prepare is not None
+    prepared = net.prepare(net.params)
+    assert isinstance(prepared, LayeredParams) and len(prepared.layers) == 3
+    opt = make_optimizer(c)
+    objective = make_objective(objective_config(c))
+    # random weights: at initialisation the zero adaLN and output layers leave most gradients zero
+    leaves, treedef = jax.tree.flatten(net.params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = treedef.unflatten([0.2 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+    state = init_train_state(params, opt, seed=0)
+    batch = _batch(c, 8)
+    results = {}
+    for name, prepare in (("shared", net.prepare), ("per_call", None)):
+        step = jax.jit(make_train_step(net.apply, objective, opt, train_step_config(c), prepare_params=prepare))
+        text = step.lower(state, batch).as_text()
+        new, metrics = step(state, batch)
+        results[name] = _stacked_concatenates(text, 3), new, metrics
+    n_stacked = len(jax.tree.leaves(net.params["blocks"]))
+    assert results["shared"][0] == n_stacked, (results["shared"][0], n_stacked)
+    assert results["per_call"][0] == 2 * n_stacked, (results["per_call"][0], n_stacked)
+    (_, shared, m_shared), (_, per_call, m_per_call) = results["shared"], results["per_call"]
+    np.testing.assert_allclose(m_shared["loss"], m_per_call["loss"], rtol=1e-6)
+    moved = 0
+    for a, b, old in zip(jax.tree.leaves(shared.params), jax.tree.leaves(per_call.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        moved += bool(np.any(np.asarray(a) != np.asarray(old)))
+    assert moved > len(jax.tree.leaves(state.params)) // 2
+
+
+def test_layered_params_refuses_what_it_cannot_split():
+    c = _dit_config()
+    net = build_network(c)  # layer_loop="scan": nothing to share
+    assert net.prepare is None
+    with pytest.raises(ValueError, match="leading axis of the depth 5"):
+        layered_params(net.params, depth=5)
+    with pytest.raises(ValueError, match="expected a DiT's parameters"):
+        layered_params({"w": jnp.ones(3)}, depth=1)
+    prepared = layered_params(net.params, depth=c.model.depth)
+    x = jnp.zeros((2, *c.data.shape))
+    with pytest.raises(ValueError, match="need layer_loop='unroll'"):
+        net.apply(prepared, x, 0.5, 0.1, jnp.array([1, 2]), 1.0)
 
 
 def test_gradient_clipping_is_applied():

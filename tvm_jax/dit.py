@@ -29,7 +29,8 @@ Design choices (not fixed by the official code):
   activations saved for the backward are separate buffers rather than copies into per-layer
   stacks, which makes ``remat="none"`` the fastest training step where memory allows (the 256px
   recipes use it; ``bench/NOTES.md``). Each stacked parameter is split once, so the backward
-  assembles its gradient with one concatenate.
+  assembles its gradient with one concatenate; the training step splits once for both student
+  calls of the objective (``layers``, :class:`tvm_jax.networks.LayeredParams`).
 * Under ``remat``, ``save_attention`` (default on) also keeps the Pallas attention kernels'
   outputs and row statistics (``kernels.RESIDUALS_NAME``), so the backward does not re-run the
   forward kernels.
@@ -428,11 +429,15 @@ class DiT(nnx.Module):
             c = c + self.beta_embedder(beta)
         return c
 
-    def __call__(self, x: jax.Array, t, gap, label, beta, *, jvp: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, t, gap, label, beta, *, jvp: bool = False,
+                 layers: list | None = None) -> jax.Array:
         """x: (B, H, W, C); t, gap, beta: scalars or (B,); label: int scalar or (B,).
 
         ``jvp=True`` selects the attention kernel that supports ``jax.jvp`` (and reverse-mode
-        through it); set it when this call is differentiated in forward mode.
+        through it); set it when this call is differentiated in forward mode. ``layers``
+        (``layer_loop="unroll"`` only): the blocks' parameters already split per layer by
+        :func:`unstack_layers`, used instead of ``self.blocks``; calls that share one split
+        share its transpose, one concatenate per stacked gradient.
         """
         cfg = self.config
         if x.ndim != 4 or x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
@@ -457,22 +462,35 @@ class DiT(nnx.Module):
             # remat="none" is the fast setting where memory allows.
             body = jax.checkpoint(body, policy=remat_policy(cfg.remat, cfg.save_attention),
                                   prevent_cse=cfg.layer_loop != "scan")
+        if layers is not None and (cfg.layer_loop != "unroll" or len(layers) != cfg.depth):
+            raise ValueError(f"layers: {len(layers)} per-layer states given to a model with layer_loop="
+                             f"{cfg.layer_loop!r} and depth {cfg.depth}; they need layer_loop='unroll' "
+                             "and one state per block")
         if cfg.layer_loop == "scan":
             tokens, _ = jax.lax.scan(body, tokens, block_state)
         else:  # one copy of the block per layer: no stacked buffers for saved activations
-            leaves, treedef = jax.tree.flatten(block_state)
-            # One split per stacked parameter: its transpose is one concatenate of the per-layer
-            # gradients (indexing layer by layer would pad each one to the stack and add them up).
-            # The barrier (a no-op forward) transposes to a barrier on that concatenate, so the
-            # backward writes each stacked gradient once; without it XLA fused the 28-operand
-            # concatenate into the optimiser and EMA updates (bench/NOTES.md).
-            pieces = [jnp.split(jax.lax.optimization_barrier(a), cfg.depth) for a in leaves]
-            for i in range(cfg.depth):
-                layer = treedef.unflatten([p[i].reshape(p[i].shape[1:]) for p in pieces])
+            for layer in unstack_layers(block_state, cfg.depth) if layers is None else layers:
                 tokens, _ = body(tokens, layer)
 
         out = _acc(self.final_layer(tokens, c))
         return unpatchify(out, cfg.patch_size, cfg.in_channels)
+
+
+def unstack_layers(block_state, depth: int) -> list:
+    """The stacked block parameters (leading ``depth`` axis) as ``depth`` per-layer trees.
+
+    One split per stacked parameter: its transpose is one concatenate of the per-layer gradients
+    (indexing layer by layer would pad each one to the stack and add them up). The barrier (a
+    no-op forward) transposes to a barrier on that concatenate, so the backward writes each
+    stacked gradient once; without it XLA fused the 28-operand concatenate into the optimiser and
+    EMA updates (bench/NOTES.md item 24)."""
+    leaves, treedef = jax.tree.flatten(block_state)
+    for a in leaves:
+        if a.ndim == 0 or a.shape[0] != depth:
+            raise ValueError(f"unstack_layers: a block parameter of shape {a.shape} has no leading axis of "
+                             f"the depth {depth}")
+    pieces = [jnp.split(jax.lax.optimization_barrier(a), depth) for a in leaves]
+    return [treedef.unflatten([p[i].reshape(p[i].shape[1:]) for p in pieces]) for i in range(depth)]
 
 
 def unpatchify(tokens: jax.Array, patch_size: int, channels: int) -> jax.Array:

@@ -13,7 +13,8 @@ which initialises the network an experiment config describes (DiT or MLP), optio
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from flax import nnx
 from tvm_jax import sharding as shd
 from tvm_jax.config import dit_config
 from tvm_jax.data import pipeline
-from tvm_jax.dit import DiT, DiTConfig, frequency_features
+from tvm_jax.dit import DiT, DiTConfig, frequency_features, unstack_layers
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
@@ -33,14 +34,50 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
 
 
+class LayeredParams(NamedTuple):
+    """A DiT's parameters with its blocks also split per layer (``layer_loop="unroll"``).
+
+    Made once inside the differentiated loss by :func:`layered_params`, so every call of the
+    network in that loss (TVM's JVP call and its flow-matching call) reads the same per-layer
+    pieces, and the backward joins each stacked gradient with one concatenate instead of one per
+    call (bench/NOTES.md item 25). ``params["blocks"]`` stays for the model's structure; the
+    forward reads ``layers`` instead."""
+
+    params: Any
+    layers: list
+
+
+def layered_params(params, depth: int) -> LayeredParams:
+    if not isinstance(params, dict) or "blocks" not in params:
+        raise ValueError("layered_params: expected a DiT's parameters (a dict with 'blocks'), got "
+                         f"{type(params).__name__}")
+    return LayeredParams(params, unstack_layers(params["blocks"], depth))
+
+
 def network_fn(graphdef: nnx.GraphDef, buffers: nnx.State):
-    """Pure ``apply(params, x, t, gap, label, beta, jvp=False)`` for a split NNX model."""
+    """Pure ``apply(params, x, t, gap, label, beta, jvp=False)`` for a split NNX model;
+    ``params`` may be a :class:`LayeredParams` (DiT, ``layer_loop="unroll"``)."""
 
     def apply(params, x, t, gap, label, beta, jvp: bool = False):
+        if isinstance(params, LayeredParams):
+            model = nnx.merge(graphdef, params.params, buffers)
+            return model(x, t, gap, label, beta, jvp=jvp, layers=params.layers)
         model = nnx.merge(graphdef, params, buffers)
         return model(x, t, gap, label, beta, jvp=jvp)
 
     return apply
+
+
+def params_preparation(config) -> Callable | None:
+    """What the training step applies to the parameters once, inside the differentiated loss,
+    before the objective calls the network: the per-layer split of an unrolled DiT
+    (:func:`layered_params`), or None (nothing to share)."""
+    if config.model.type != "dit":
+        return None
+    cfg = dit_config(config)
+    if cfg.layer_loop != "unroll":
+        return None
+    return functools.partial(layered_params, depth=cfg.depth)
 
 
 def init_model(make: Callable[[nnx.Rngs], nnx.Module], seed: int = 0, out_shardings=None):
@@ -113,6 +150,7 @@ class Network:
     buffers: Any
     null_label: int
     sample_shape: tuple[int, ...]
+    prepare: Callable | None = None  # make_train_step's prepare_params (see params_preparation)
 
 
 def make_module(config) -> Callable[[nnx.Rngs], nnx.Module]:
@@ -157,4 +195,5 @@ def build_network(config, mesh=None, seed: int | None = None) -> Network:
     else:
         params, buffers = jax.jit(init, out_shardings=out_shardings)()
     shape = pipeline.dataset_info(config).shape
-    return Network(network_fn(graphdef, buffers), graphdef, params, buffers, config.data.num_classes, shape)
+    return Network(network_fn(graphdef, buffers), graphdef, params, buffers, config.data.num_classes, shape,
+                   params_preparation(config))

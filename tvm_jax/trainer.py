@@ -258,7 +258,8 @@ def _train(config, workdir: str, mesh, ckpt: Checkpointer) -> TrainState:
     def lower(microbatch_size: int):
         step_fn = make_train_step(net.apply, objective, optimizer,
                                   dataclasses.replace(step_config, microbatch_size=microbatch_size),
-                                  batch_sharding=batch_sh, param_shardings=state_sh.params)
+                                  batch_sharding=batch_sh, param_shardings=state_sh.params,
+                                  prepare_params=net.prepare)
         return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                        donate_argnums=(0,)).lower(abstract_like(state, state_sh), abstract_batch)
 

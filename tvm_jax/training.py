@@ -93,16 +93,21 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int)
 
 def make_train_step(apply, loss_fn: Callable, optimizer: optax.GradientTransformation, config: TrainStepConfig, *,
                     batch_sharding: jax.sharding.NamedSharding | None = None, param_shardings=None,
+                    prepare_params: Callable | None = None,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``loss_fn(apply, params, target_params, x0, labels, keys) -> (loss, stats)`` (see
     :mod:`tvm_jax.objectives`). ``batch_sharding``: the batch's sharding over the mesh (its
     device count sets the per-device batch; None: one device); ``param_shardings``: the
-    parameters' shardings, which the accumulated gradients keep (None: unconstrained)."""
+    parameters' shardings, which the accumulated gradients keep (None: unconstrained);
+    ``prepare_params``: applied to the parameters once inside the differentiated loss, before
+    the objective hands them to ``apply`` (``Network.prepare``: the unrolled DiT's per-layer
+    split, shared by the objective's calls)."""
     num_devices = 1 if batch_sharding is None else batch_sharding.mesh.devices.size
+    prepare = (lambda p: p) if prepare_params is None else prepare_params
 
     def grads_and_stats(params, target_params, x, labels, keys):
         def loss_of(p):
-            return loss_fn(apply, p, target_params, x, labels, keys)
+            return loss_fn(apply, prepare(p), target_params, x, labels, keys)
 
         (_, stats), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return grads, stats
