@@ -118,6 +118,10 @@
 #                                      # (Network.prepare) A/B against .baseline/base.tgz (main before it):
 #                                      # GPU0 256px step before, after, then the attribution profile after
 #                                      # (command buffers off) with its optimised HLO | GPU1 after, before
+#   bash bench/gpu_step_session.sh z15 # the Pallas backward of the JVP-mode qkv prologue (kernels.qkv_tangent)
+#                                      # A/B against .baseline/base.tgz (main before it): GPU0 256px step
+#                                      # before, after, attribution profile after | GPU1 its native tests,
+#                                      # the GPU step-vs-XLA test's unrolled cases, 256px after, before
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -552,6 +556,22 @@ case "${1:-}" in
     tar -C /tmp -czf "$OUT/hlo_h200_in256_shared_split.tgz" hlo 2>/dev/null
     wait
     for f in /tmp/log_*shared_split*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14" >&2; exit 2 ;;
+  z15)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "Pallas backward of the JVP-mode qkv prologue, A/B against main: GPU0 before, after | GPU1 native tests, GPU step test, after, before"
+    (CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k qkv_tangent -p no:cacheprovider \
+        > "$OUT/pytest_gpu_h200_qkv_tangent.log" 2>&1
+     CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll -p no:cacheprovider \
+        > "$OUT/pytest_gpu_h200_attention_in_step_qkv_tangent.log" 2>&1
+     run_tree 1 "$PWD" 165 train_step_h200_qkv_tangent_gpu1 --variants default
+     run_tree 1 /tmp/base 165 train_step_h200_before_qkv_tangent_gpu1 --variants default) &
+    run_tree 0 /tmp/base 180 train_step_h200_before_qkv_tangent_gpu0 --variants default
+    run_tree 0 "$PWD" 180 train_step_h200_qkv_tangent_gpu0 --variants default
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= run_tree 0 "$PWD" 180 profile_h200_attribution_in256_qkv_tangent \
+       --variants default --profile
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_*qkv_tangent*.log
+    for f in /tmp/log_*qkv_tangent*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15" >&2; exit 2 ;;
 esac
 log done

@@ -12,6 +12,8 @@ from jax import lax
 from kernels import auto as _auto
 from kernels import cudnn as _cudnn
 from kernels import flash as _flash
+from kernels import qkv_tangent as _qkv_tangent
+from kernels.sharding import batch_sharded as _batch_sharded
 from kernels.config import MAX_HEAD_DIM, AttentionConfig, padded_head_dim
 from kernels.reference import attention_xla
 
@@ -181,56 +183,6 @@ def _unpad(x, seq: int, dim: int):
 
 
 # ----------------------------------------------------------------------------- sharding
-
-
-def _mesh_batch_axes():
-    """Non-manual axes of the active (abstract) mesh, in mesh order; () if none."""
-    get = getattr(jax.sharding, "get_abstract_mesh", None)
-    if get is None:
-        return None, ()
-    mesh = get()
-    if mesh is None or mesh.empty:
-        return None, ()
-    manual = jax.sharding.AxisType.Manual
-    axes = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != manual)
-    return mesh, axes
-
-
-def _batch_sharded(fn, args, n_out: int, replicated=()):
-    """Runs fn(*args, *replicated) with the batch dim of ``args`` split over all non-manual mesh
-    axes (if a mesh is set); ``replicated`` arrays (e.g. norm weights) go to every device whole.
-
-    A pallas_call is an opaque custom call that the SPMD partitioner would replicate, so the
-    kernels run under ``jax.shard_map`` on per-device batch shards instead.
-    """
-    replicated = tuple(replicated)
-    mesh, axes = _mesh_batch_axes()
-    if not axes:
-        return fn(*args, *replicated)
-    n = math.prod(mesh.shape[a] for a in axes)
-    batch = args[0].shape[0]
-    if batch % n:
-        raise ValueError(
-            f"attention batch size {batch} is not divisible by the {n} devices of mesh axes "
-            f"{axes}; the Pallas kernels shard the batch dimension over all mesh axes"
-        )
-    spec = jax.sharding.PartitionSpec(axes)
-    whole = jax.sharding.PartitionSpec()
-    out_specs = spec if n_out == 1 else (spec,) * n_out
-    explicit = jax.sharding.AxisType.Explicit
-    if any(t == explicit for n, t in zip(mesh.axis_names, mesh.axis_types) if n in axes):
-        # Explicit axes: the sharding is part of the type and shard_map checks it; move the
-        # batch onto the mesh first (a local slice when the input is replicated).
-        args = tuple(jax.reshard(a, spec) for a in args)
-        replicated = tuple(jax.reshard(a, whole) for a in replicated)
-    return jax.shard_map(
-        fn,
-        mesh=mesh,
-        in_specs=(spec,) * len(args) + (whole,) * len(replicated),
-        out_specs=out_specs,
-        axis_names=frozenset(axes),
-        check_vma=False,
-    )(*args, *replicated)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -405,7 +357,9 @@ def attention_qkv(
     with neither bias nor norm the forward kernel reads q, k, v in place); the backward (a
     ``custom_vjp``) recomputes that prologue with XLA and runs the plain backward kernels.
     Every other case (``jvp=True``, XLA, cuDNN) applies the prologue with XLA and calls
-    :func:`attention`, so the result is the same function everywhere.
+    :func:`attention`, so the result is the same function everywhere; with ``jvp=True`` on the
+    Pallas kernels and the norms on, the reverse mode of the prologue's JVP is one Pallas pass
+    (:mod:`kernels.qkv_tangent`).
     """
     impl = _check_impl(impl)
     _check_jvp(jvp)
@@ -421,7 +375,12 @@ def attention_qkv(
     pro = _flash.QKVPrologue(bias=bias is not None, norm=wq is not None, eps=eps, head_dim=head_dim)
     chosen = _choose(impl, seq, seq, head_dim, qkv.dtype, jvp)
     if chosen != "pallas" or jvp:
-        q, k, v = _flash.split_qkv(qkv, bias, wq, wk, pro)
+        if chosen == "pallas" and pro.norm:  # jvp: XLA's prologue, one Pallas pass for its reverse mode
+            zero = jnp.zeros((3, heads, head_dim), qkv.dtype)
+            q, k, v = _qkv_tangent.split_qkv_tangent(qkv, zero if bias is None else bias, wq, wk, pro,
+                                                     _resolve_interpret(interpret))
+        else:
+            q, k, v = _flash.split_qkv(qkv, bias, wq, wk, pro)
         return attention(
             q, k, v, scale=scale, impl=chosen, jvp=jvp, interpret=interpret, block_sizes=block_sizes
         )

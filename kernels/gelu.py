@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import api as _api
+from kernels.sharding import batch_sharded
 from kernels.reference import gelu_tanh
 
 IMPLS = ("auto", "pallas", "xla")
@@ -71,7 +72,7 @@ def _bias_gelu(y, bias, interpret: bool, tiles):
     def run(y, bias):
         return _call(y.reshape(-1, y.shape[-1]), bias, interpret, tiles).reshape(y.shape)
 
-    return _api._batch_sharded(run, (y,), 1, replicated=(bias,))
+    return batch_sharded(run, (y,), 1, replicated=(bias,))
 
 
 @_bias_gelu.defjvp

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import api as _api
+from kernels.sharding import batch_sharded
 from kernels.reference import rms_norm
 
 IMPLS = ("auto", "pallas", "xla")
@@ -93,7 +94,7 @@ def _fused(x, y, bias, gate, shift, scale, eps, out_dtype, interpret, tiles):
     def run(x, y, gate, shift, scale, bias):
         return _call(x, y, bias, gate, shift, scale, eps, out_dtype, interpret, tiles)
 
-    return _api._batch_sharded(run, (x, y, gate, shift, scale), 1, replicated=(bias,))
+    return batch_sharded(run, (x, y, gate, shift, scale), 1, replicated=(bias,))
 
 
 @_fused.defjvp

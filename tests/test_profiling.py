@@ -33,6 +33,8 @@ def test_op_family_rules():
     assert fam("tvm_flash_bwd_q", "custom-call.1", "pallas_call") == "attention backward (plain)"
     assert fam("tvm_split_qkv", "pallas_call.7", "jit(sample)/checkpoint/tvm_split_qkv/pallas_call") == \
         "attention prologue (qkv bias, q/k norms, split)"
+    assert fam("tvm_qkv_tangent_bwd", "pallas_call.1530",
+               "jit(step_fn)/transpose(jvp(jvp()))/tvm_qkv_tangent_bwd/pallas_call") == "attention prologue backward (JVP mode)"
     assert fam("tvm_bias_gelu", "pallas_call.15", "jit(sample)/checkpoint/tvm_bias_gelu/pallas_call") == \
         "MLP bias + GELU (Pallas)"
     assert fam("tvm_residual_norm_modulate", "pallas_call.9", "jit(sample)/tvm_residual_norm_modulate/pallas_call") == \

@@ -36,6 +36,7 @@ _ATTENTION_KERNELS = {  # kernels/flash.py names its pallas_calls tvm_*; tested 
     "attention forward (plain)": ("flash_fwd", "fwd_kernel"),
     "attention backward (plain)": ("flash_bwd", "bwd_kv", "bwd_q"),
     "attention prologue (qkv bias, q/k norms, split)": ("split_qkv",),
+    "attention prologue backward (JVP mode)": ("qkv_tangent_bwd",),  # kernels/qkv_tangent.py
 }
 _CUDNN_ATTENTION = ("cudnn", "fmha", "flash_attention", "sdpa")
 _MATMUL = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "dot", "matmul", "sm90_", "wgmma")

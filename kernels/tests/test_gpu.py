@@ -5,6 +5,8 @@ attention, computed on the CPU. Tolerances (relative Frobenius error): bf16 2e-2
 ~3e-3 in interpret mode; the output rounding alone is ~2.5e-3), fp32 1e-4 (IEEE fp32
 matmuls, no TF32).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,3 +254,37 @@ def test_native_residual_norm_modulate(shape):
     want = np.asarray(reference(*args, eps=1e-6, out_dtype=jnp.float32), np.float64)
     assert np.all(np.isfinite(got))
     assert max_ulps(got, want) <= 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(4, 256, 3, 18, 64), (1, 1024, 3, 4, 128)], ids=_id)
+def test_native_qkv_tangent_backward(shape, dtype):
+    """The Pallas backward of the JVP-mode qkv prologue compiled at the DiT's shape (256 tokens,
+    18 heads of 64) and at head dim 128: all five cotangents against float64 autodiff of the
+    XLA prologue on the CPU."""
+    from kernels.flash import QKVPrologue, split_qkv
+    from kernels.qkv_tangent import split_qkv_tangent
+
+    b, s, _, h, d = shape
+    pro = QKVPrologue(bias=True, norm=True, eps=1e-6, head_dim=d)
+    qkv, tqkv, bias = randn(21, [shape, shape, (3, h, d)], dtype)
+    wq, wk = (1.0 + 0.3 * w for w in randn(22, [(d,), (d,)], jnp.float32))
+    cts = tuple(randn(23, [(b, s, h, d)] * 6, dtype))
+
+    def pair_vjp(fn, qkv, tqkv, bias, wq, wk, *cts):
+        _, vjp = jax.vjp(lambda *a: jax.jvp(lambda x: fn(x, *a[2:], pro), (a[0],), (a[1],)),
+                         qkv, tqkv, bias, wq, wk)
+        return vjp((cts[:3], cts[3:]))
+
+    ours = jax.jit(functools.partial(pair_vjp, lambda x, bb, w1, w2, p: split_qkv_tangent(x, bb, w1, w2, p, False)))
+    args = (qkv, tqkv, bias, wq, wk, *cts)
+    assert "tvm_qkv_tangent_bwd" in ours.lower(*args).as_text()
+    got = ours(*args)
+
+    def ref(*a):
+        with helpers.x64():
+            return pair_vjp(split_qkv, *(jnp.asarray(x, jnp.float64) for x in a))
+
+    want = _cpu(ref, *args)
+    for name, g, r in zip(("dqkv", "dtqkv", "dbias", "dwq", "dwk"), got, want):
+        assert_close(name, g, np.asarray(r), TOL[dtype])
