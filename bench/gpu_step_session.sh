@@ -122,6 +122,14 @@
 #                                      # A/B against .baseline/base.tgz (main before it): GPU0 256px step
 #                                      # before, after, attribution profile after | GPU1 its native tests,
 #                                      # the GPU step-vs-XLA test's unrolled cases, 256px after, before
+#   bash bench/gpu_step_session.sh z16 # every block's adaLN modulation as one batched matmul (DiT.block_modulations)
+#                                      # A/B against .baseline/base.tgz (main before it), 256px step and
+#                                      # sampling: GPU0 before, after | GPU1 the GPU step-vs-XLA test's
+#                                      # unrolled cases, after, before (the code is on branch
+#                                      # batched-modulation: measured, not kept)
+#   bash bench/gpu_step_session.sh z17 # the committed code: GPU0 the 256px headline command (configs/in256.py,
+#                                      # 6 steps) | GPU1 the 512px step (batch 16), then the 256px step
+#                                      # and sampling again
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -572,6 +580,25 @@ case "${1:-}" in
     wait
     tail -n 3 "$OUT"/pytest_gpu_h200_*qkv_tangent*.log
     for f in /tmp/log_*qkv_tangent*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15" >&2; exit 2 ;;
+  z16)
+    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    log "every block's modulation at once, A/B against main: GPU0 before, after (+ sampling) | GPU1 GPU step test, after, before"
+    (CUDA_VISIBLE_DEVICES=1 timeout 120 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll -p no:cacheprovider \
+        > "$OUT/pytest_gpu_h200_attention_in_step_block_modulations.log" 2>&1
+     run_tree 1 "$PWD" 210 train_step_sampling_h200_block_modulations_gpu1 --variants default --sampling
+     run_tree 1 /tmp/base 210 train_step_sampling_h200_before_block_modulations_gpu1 --variants default --sampling) &
+    run_tree 0 /tmp/base 210 train_step_sampling_h200_before_block_modulations_gpu0 --variants default --sampling
+    run_tree 0 "$PWD" 210 train_step_sampling_h200_block_modulations_gpu0 --variants default --sampling
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_attention_in_step_block_modulations.log
+    for f in /tmp/log_*block_modulations*.txt; do echo "--- $f"; tail -n 6 "$f" | cut -c1-400; done ;;
+  z17)
+    log "the committed code: GPU0 the 256px headline command (6 steps) | GPU1 the 512px step (batch 16), the 256px step + sampling"
+    (run_tree 1 "$PWD" 250 train_step_h200_in512_qkv_tangent --config configs/in512.py --batch_per_device 16 --variants default
+     run_tree 1 "$PWD" 210 train_step_sampling_h200_qkv_tangent_repeat --variants default --sampling) &
+    run_recipe 0 480 recipe_in256_h200_qkv_tangent configs/in256.py 6
+    wait
+    for f in /tmp/log_*qkv_tangent*.txt; do echo "--- $f"; tail -n 4 "$f" | cut -c1-500; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17" >&2; exit 2 ;;
 esac
 log done

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from kernels import AttentionConfig, KernelConfig, attention, attention_qkv, bias_gelu, default_config, flash_with_tangent
 from kernels import gelu as gelu_mod
 from kernels import flash as flash_mod
+from kernels import qkv_tangent
 
 TRITON = "__gpu$xla.gpu.triton"
 KW = dict(impl="pallas", interpret=False)
@@ -57,6 +58,9 @@ def _check(text, expected, dim, cfg=None, dtype=None):
     for name, warps, stages in found:
         if name == "tvm_split_qkv":  # a memory pass with fixed launch parameters
             assert (warps, stages) == (flash_mod._SPLIT_WARPS, 1), (name, warps, stages)
+            continue
+        if name == "tvm_qkv_tangent_bwd":  # likewise (kernels/qkv_tangent.py)
+            assert (warps, stages) == (qkv_tangent.WARPS, 1), (name, warps, stages)
             continue
         kc = getattr(cfg, name.removeprefix("tvm_flash_").removesuffix("_qkv"))  # fwd_qkv: fwd's tiles
         assert (warps, stages) == (kc.num_warps, kc.num_stages), (name, warps, stages)
@@ -104,11 +108,13 @@ def test_qkv_kernels_lower_to_triton(dim, seq, dtype):
     grad = jax.grad(lambda *a: _f32sum(fn(*a)), argnums=(0, 1, 2, 3))
     _check(_lower(grad, sd, bias, w, w), ["tvm_split_qkv", "fwd", "bwd_kv", "bwd_q"], dim, dtype=dtype)
     _check(_lower(lambda a: attention_qkv(a, **KW), sd), ["fwd_qkv"], dim, dtype=dtype)
-    # jvp mode keeps the tangent kernels (the prologue by XLA before them)
+    # jvp mode keeps the tangent kernels (the prologue by XLA before them); the reverse mode of
+    # the prologue's JVP is one kernel where it applies (lengths a multiple of 16)
     fn_jvp = lambda a, b, c, d: attention_qkv(a, c, d, bias=b, jvp=True, **KW)  # noqa: E731
     loss = lambda a, b, c, d: _f32sum(jax.jvp(lambda x: fn_jvp(x, b, c, d), (a,), (a,))[1])  # noqa: E731
-    _check(_lower(jax.grad(loss, argnums=(0, 1, 2, 3)), sd, bias, w, w), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], dim,
-           dtype=dtype)
+    prologue_bwd = ["tvm_qkv_tangent_bwd"] if seq % 16 == 0 else []
+    _check(_lower(jax.grad(loss, argnums=(0, 1, 2, 3)), sd, bias, w, w),
+           ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"] + prologue_bwd, dim, dtype=dtype)
 
 
 @pytest.mark.parametrize(
