@@ -40,8 +40,8 @@ def batch_sharded(fn, args, n_out: int, replicated=()):
     batch = args[0].shape[0]
     if batch % n:
         raise ValueError(
-            f"attention batch size {batch} is not divisible by the {n} devices of mesh axes "
-            f"{axes}; the Pallas kernels shard the batch dimension over all mesh axes"
+            f"batch size {batch} of a Pallas kernel call is not divisible by the {n} devices of mesh "
+            f"axes {axes}; the Pallas kernels shard the batch dimension over all mesh axes"
         )
     spec = jax.sharding.PartitionSpec(axes)
     whole = jax.sharding.PartitionSpec()
