@@ -36,7 +36,8 @@ def _dit_config():
 def _setup(config, mesh=None):
     net = build_network(config, mesh)
     opt = make_optimizer(config)
-    step = make_train_step(net.apply, make_objective(objective_config(config)), opt, train_step_config(config))
+    step = make_train_step(net.apply, make_objective(objective_config(config)), opt, train_step_config(config),
+                           prepare_params=net.prepare)
     return net, opt, step
 
 
@@ -162,13 +163,18 @@ def test_gradient_clipping_is_applied():
     np.testing.assert_allclose(updates_plain["w"], -0.75, rtol=1e-3)
 
 
-@pytest.mark.parametrize("fsdp", [1, 2])
-def test_sharded_step_equals_single_device_step(fsdp, monkeypatch):
-    """A DiT step over a (data, fsdp) mesh of 4 CPU devices equals the 1-device step."""
+@pytest.mark.parametrize("fsdp,kernels", [(1, False), (2, False), (1, True)], ids=["data", "fsdp", "data-pallas"])
+def test_sharded_step_equals_single_device_step(fsdp, kernels, monkeypatch):
+    """A DiT step over a (data, fsdp) mesh of 4 CPU devices equals the 1-device step. With
+    ``kernels`` the model runs the Pallas kernels (interpreted) as on a GPU, layers unrolled as
+    the recipes run them, at 16 tokens of head dim 16, where every kernel of the JVP call applies
+    (the qkv prologue's backward included): each runs on its device's batch shard."""
     assert len(jax.devices()) >= 4, "conftest.py provides 4 CPU devices"
     monkeypatch.setattr(shd, "MIN_SHARD_SIZE", 1024)  # so that the tiny test DiT gets sharded
     c = _dit_config()
     c.mesh.fsdp = fsdp
+    if kernels:
+        c.model.attention_impl, c.model.patch_size, c.model.layer_loop = "pallas", 2, "unroll"
     batch = _batch(c, 8, 5)
 
     def run(mesh):
@@ -178,6 +184,9 @@ def test_sharded_step_equals_single_device_step(fsdp, monkeypatch):
             state_sh = shd.state_shardings(jax.eval_shape(init, net.params), mesh)
             state = jax.jit(init, out_shardings=state_sh)(net.params)
             jstep = jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh)), out_shardings=(state_sh, None))
+            if kernels:
+                traced = str(jax.make_jaxpr(step)(state, shd.global_batch(batch, mesh)))
+                assert "tvm_flash_jvp_fwd" in traced and "tvm_qkv_tangent_bwd" in traced
             for _ in range(2):
                 state, metrics = jstep(state, shd.global_batch(batch, mesh))
             return state, metrics
