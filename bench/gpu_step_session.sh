@@ -140,6 +140,9 @@ make_nocse() {  # /tmp/nocse: this tree with jax.checkpoint(prevent_cse=False) i
   grep -q "prevent_cse=False)" /tmp/nocse/tvm_jax/dit.py && ! grep -q "prevent_cse=cfg" /tmp/nocse/tvm_jax/dit.py \
     || { echo "patch failed"; return 1; }
 }
+unpack_base() {  # unpack_base [TGZ]: the carried archive of main's code (default .baseline/base.tgz) into /tmp/base
+  mkdir -p /tmp/base && tar -C /tmp/base -xzf "${1:-.baseline/base.tgz}"
+}
 run_recipe() {  # run_recipe DEVICE TIMEOUT OUT CONFIG STEPS ARGS...: bench/recipe_run.py, its own limit 5 s shorter
   local dev=$1 t=$2 out=$3 config=$4 steps=$5; shift 5
   CUDA_VISIBLE_DEVICES=$dev timeout "$t" python3 bench/recipe_run.py --config "$config" --steps "$steps" \
@@ -249,7 +252,7 @@ case "${1:-}" in
     for f in /tmp/log_256_*.txt /tmp/log_512_*.txt; do echo "--- $f"; tail -n 4 "$f"; done
     cd "$OUT" && tar -czf flags.tgz flags_*.json && rm flags_*.json ;;
   n)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/src.tgz || exit 1
+    unpack_base .baseline/src.tgz || exit 1
     log "A/B attention_qkv: GPU0 step + sampling before/after x2, sampling attribution | GPU1 GPU tests"
     (CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py -k qkv \
         > "$OUT/pytest_gpu_qkv.log" 2>&1;
@@ -311,7 +314,7 @@ case "${1:-}" in
     tail -n 3 "$OUT/pytest_gpu_gelu_epilogue.log" "$OUT/pytest_gpu_qkv_jvp_prologue.log"
     cd "$OUT" && tar -czf ab.tgz ab_*.json && rm ab_*.json ;;
   s)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "A/B GELU kernel + split before cuDNN: GPU0 step + sampling x2, tests | GPU1 512px, attention fwd, step test"
     (run_tree 1 /tmp/base 100 ab_in512_before_1 --config configs/in512.py --batch_per_device 16 \
        --set model.remat=dots --variants default
@@ -334,7 +337,7 @@ case "${1:-}" in
     tail -n 3 "$OUT/pytest_gpu_gelu_qkv.log" "$OUT/pytest_gpu_attention_in_step.log"
     cd "$OUT" && tar -czf ab.tgz ab_*.json && rm ab_*.json ;;
   t)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "GELU kernel tiles sweep, then A/B on both GPUs"
     CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/bias_gelu.py --out "$OUT/bias_gelu_h200.json" > /tmp/log_sweep.txt 2>&1
     tail -n 30 /tmp/log_sweep.txt
@@ -361,7 +364,7 @@ case "${1:-}" in
     for f in /tmp/log_train_step_*.txt /tmp/log_prof.txt; do echo "--- $f"; tail -n 4 "$f"; done
     tail -n 3 "$OUT/pytest_gpu_bias_gelu.log" "$OUT/pytest_gpu_attention_in_step.log" ;;
   v)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "512px: GPU0 this tree | GPU1 main before the GELU kernel"
     (run_tree 1 /tmp/base 110 train_step_h200_in512_dots_before_gelu_kernel --config configs/in512.py \
        --batch_per_device 16 --set model.remat=dots --variants default) &
@@ -370,7 +373,7 @@ case "${1:-}" in
     wait
     for f in /tmp/log_train_step_h200_in512_*.txt; do echo "--- $f"; tail -n 2 "$f"; done ;;
   w)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "norm kernel: GPU0 sweep | GPU1 native tests; then sampling A/B on both"
     (CUDA_VISIBLE_DEVICES=1 timeout 60 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py -k norm_modulate \
        -p no:cacheprovider > "$OUT/pytest_gpu_residual_norm_modulate.log" 2>&1) &
@@ -444,7 +447,7 @@ case "${1:-}" in
     wait
     tail -n 4 /tmp/log_train_step_sampling_h200_norm_kernel_repeat.txt ;;
   z4)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "hopper matmul A/B: GPU0 before, after, step test | GPU1 native test, after, before"
     (CUDA_VISIBLE_DEVICES=1 timeout 60 python3 -m pytest -q -rs -m gpu kernels/tests/test_gpu.py -k mosaic \
        -p no:cacheprovider > "$OUT/pytest_gpu_mosaic_matmul.log" 2>&1
@@ -524,7 +527,7 @@ case "${1:-}" in
     wait
     tail -n 2 /tmp/log_recipe_in512_h200_*.txt /tmp/log_p.txt | cut -c1-500 ;;
   z11)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "gradient barrier A/B: GPU0 256px before, after (+ sampling), profile after | GPU1 512px after, before"
     (run_tree 1 "$PWD" 260 train_step_h200_in512_unroll_none_grad_barrier --config configs/in512.py \
        --batch_per_device 16 --set model.layer_loop=unroll --set model.remat=none --variants default
@@ -553,7 +556,7 @@ case "${1:-}" in
     wait
     for f in /tmp/log_*grad_barrier_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
   z14)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "one split for both student calls, A/B against main: GPU0 before, after, profile + HLO after | GPU1 after, before"
     (run_tree 1 "$PWD" 180 train_step_h200_shared_split_gpu1 --variants default
      run_tree 1 /tmp/base 180 train_step_h200_before_shared_split_gpu1 --variants default) &
@@ -565,7 +568,7 @@ case "${1:-}" in
     wait
     for f in /tmp/log_*shared_split*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
   z15)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "Pallas backward of the JVP-mode qkv prologue, A/B against main: GPU0 before, after | GPU1 native tests, GPU step test, after, before"
     (CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k qkv_tangent -p no:cacheprovider \
         > "$OUT/pytest_gpu_h200_qkv_tangent.log" 2>&1
@@ -581,7 +584,7 @@ case "${1:-}" in
     tail -n 3 "$OUT"/pytest_gpu_h200_*qkv_tangent*.log
     for f in /tmp/log_*qkv_tangent*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
   z16)
-    mkdir -p /tmp/base && tar -C /tmp/base -xzf .baseline/base.tgz || exit 1
+    unpack_base || exit 1
     log "every block's modulation at once, A/B against main: GPU0 before, after (+ sampling) | GPU1 GPU step test, after, before"
     (CUDA_VISIBLE_DEVICES=1 timeout 120 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll -p no:cacheprovider \
         > "$OUT/pytest_gpu_h200_attention_in_step_block_modulations.log" 2>&1

@@ -373,9 +373,8 @@ def attention_qkv(
     chosen = _choose(impl, seq, seq, head_dim, qkv.dtype, jvp)
     if chosen != "pallas" or jvp:
         if chosen == "pallas" and pro.norm:  # jvp: XLA's prologue, one Pallas pass for its reverse mode
-            zero = jnp.zeros((3, heads, head_dim), qkv.dtype)
-            q, k, v = _qkv_tangent.split_qkv_tangent(qkv, zero if bias is None else bias, wq, wk, pro,
-                                                     _resolve_interpret(interpret))
+            bias = jnp.zeros((3, heads, head_dim), qkv.dtype) if bias is None else bias  # pro.bias says if it is added
+            q, k, v = _qkv_tangent.split_qkv_tangent(qkv, bias, wq, wk, pro, _resolve_interpret(interpret))
         else:
             q, k, v = _flash.split_qkv(qkv, bias, wq, wk, pro)
         return attention(

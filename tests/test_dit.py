@@ -3,7 +3,6 @@ import collections
 import contextlib
 import io
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from tvm_jax.dit import (
     MODEL_SIZES, Buffer, DiT, DiTConfig, abstract_dit, count_params, frequency_features, rms_norm,
     sincos_table_2d, unpatchify,
 )
+from hlo_text import barrier_operands, layer_concatenates
 from kernels import gelu_tanh
 from tvm_jax.networks import build_dit
 
@@ -276,13 +276,10 @@ def test_unrolled_backward_writes_each_stacked_gradient_once():
     _, params = build_dit(config)
     x = jax.random.normal(jax.random.key(13), (2, 8, 8, 3))
     text = jax.jit(jax.grad(_jvp_loss(config, x))).lower(params).as_text()
-    concat = re.compile(r"(%[\w#]+) = stablehlo\.concatenate ((?:%[\w#]+, )*%[\w#]+), dim = 0 : .*-> tensor<" + str(depth) + "x")
-    stacked_grads = {m.group(1) for m in concat.finditer(text) if m.group(2).count("%") == depth}
-    barriers = set(re.findall(r"stablehlo\.optimization_barrier ([^:]*) :", text))
-    barrier_operands = {op.strip() for ops in barriers for op in ops.split(",")}
+    stacked_grads = set(layer_concatenates(text, depth))
     n_stacked = len(jax.tree.leaves(params["blocks"]))
     assert len(stacked_grads) == n_stacked, (len(stacked_grads), n_stacked)
-    assert stacked_grads <= barrier_operands, sorted(stacked_grads - barrier_operands)
+    assert stacked_grads <= barrier_operands(text), sorted(stacked_grads - barrier_operands(text))
 
 
 @pytest.mark.parametrize("remat", ["dots", "block"])

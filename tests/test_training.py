@@ -1,12 +1,12 @@
 """The pure training step: EMAs, non-finite skipping, clipping, sharded == single-device."""
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hlo_text import layer_concatenates
 from tvm_jax import sharding as shd
 from tvm_jax.config import load_config_file, objective_config, train_step_config
 from tvm_jax.networks import LayeredParams, build_network, layered_params
@@ -88,13 +88,6 @@ def test_non_finite_step_is_skipped_counted_and_recovered():
     assert int(metrics["skipped"]) == 0 and int(recovered.consecutive_skipped) == 0 and int(recovered.skipped) == 1
 
 
-def _stacked_concatenates(text: str, depth: int) -> int:
-    """Concatenates of ``depth`` operands along axis 0 in lowered StableHLO: the transposes of
-    the unrolled DiT's per-layer splits (a stacked gradient assembled from its layers)."""
-    concat = re.compile(r"= stablehlo\.concatenate ((?:%[\w#]+, )*%[\w#]+), dim = 0 : .*-> tensor<" + str(depth) + "x")
-    return sum(m.group(1).count("%") == depth for m in concat.finditer(text))
-
-
 def test_unrolled_dit_splits_its_layers_once_for_both_student_calls():
     """TVM calls the student twice (the JVP and the flow-matching term). With the layers
     unrolled, each call used to split the stacked block parameters itself, so the backward
@@ -120,7 +113,7 @@ def test_unrolled_dit_splits_its_layers_once_for_both_student_calls():
         step = jax.jit(make_train_step(net.apply, objective, opt, train_step_config(c), prepare_params=prepare))
         text = step.lower(state, batch).as_text()
         new, metrics = step(state, batch)
-        results[name] = _stacked_concatenates(text, 3), new, metrics
+        results[name] = len(layer_concatenates(text, 3)), new, metrics
     n_stacked = len(jax.tree.leaves(net.params["blocks"]))
     assert results["shared"][0] == n_stacked, (results["shared"][0], n_stacked)
     assert results["per_call"][0] == 2 * n_stacked, (results["per_call"][0], n_stacked)

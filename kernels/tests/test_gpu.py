@@ -5,8 +5,6 @@ attention, computed on the CPU. Tolerances (relative Frobenius error): bf16 2e-2
 ~3e-3 in interpret mode; the output rounding alone is ~2.5e-3), fp32 1e-4 (IEEE fp32
 matmuls, no TF32).
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -264,27 +262,21 @@ def test_native_qkv_tangent_backward(shape, dtype):
     XLA prologue on the CPU."""
     from kernels.flash import QKVPrologue, split_qkv
     from kernels.qkv_tangent import split_qkv_tangent
+    from kernels.tests.test_qkv_tangent import NAMES, _inputs, _pair_vjp
 
-    b, s, _, h, d = shape
-    pro = QKVPrologue(bias=True, norm=True, eps=1e-6, head_dim=d)
-    qkv, tqkv, bias = randn(21, [shape, shape, (3, h, d)], dtype)
-    wq, wk = (1.0 + 0.3 * w for w in randn(22, [(d,), (d,)], jnp.float32))
-    cts = tuple(randn(23, [(b, s, h, d)] * 6, dtype))
-
-    def pair_vjp(fn, qkv, tqkv, bias, wq, wk, *cts):
-        _, vjp = jax.vjp(lambda *a: jax.jvp(lambda x: fn(x, *a[2:], pro), (a[0],), (a[1],)),
-                         qkv, tqkv, bias, wq, wk)
-        return vjp((cts[:3], cts[3:]))
-
-    ours = jax.jit(functools.partial(pair_vjp, lambda x, bb, w1, w2, p: split_qkv_tangent(x, bb, w1, w2, p, False)))
+    pro = QKVPrologue(bias=True, norm=True, eps=1e-6, head_dim=shape[-1])
+    qkv, tqkv, bias, wq, wk, cts = _inputs(21, shape, dtype)
     args = (qkv, tqkv, bias, wq, wk, *cts)
+    kernel = lambda x, bb, w1, w2, p: split_qkv_tangent(x, bb, w1, w2, p, False)  # noqa: E731
+    ours = jax.jit(lambda *a: _pair_vjp(kernel, pro, *a[:5], a[5:]))
     assert "tvm_qkv_tangent_bwd" in ours.lower(*args).as_text()
     got = ours(*args)
 
     def ref(*a):
         with helpers.x64():
-            return pair_vjp(split_qkv, *(jnp.asarray(x, jnp.float64) for x in a))
+            a = [jnp.asarray(x, jnp.float64) for x in a]
+            return _pair_vjp(split_qkv, pro, *a[:5], tuple(a[5:]))
 
     want = _cpu(ref, *args)
-    for name, g, r in zip(("dqkv", "dtqkv", "dbias", "dwq", "dwk"), got, want):
+    for name, g, r in zip(NAMES, got, want):
         assert_close(name, g, np.asarray(r), TOL[dtype])
