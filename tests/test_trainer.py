@@ -254,12 +254,16 @@ def test_training_writes_tensorboard_samples_and_progress_log(gmm_runs):
     workdir, log = gmm_runs["full"], gmm_runs["log_full"]
     scalars, images = _read_events(os.path.join(workdir, "tensorboard"))
     for tag in ("train/loss", "train/terminal", "train/fm", "train/grad_norm", "train/skipped",
-                "train/skipped_total", "train/images_per_sec"):
+                "train/skipped_total", "train/images_per_sec", "train/param_norm"):
         assert tag in scalars, f"{tag} missing; have {sorted(scalars)}"
         assert [s for s, _ in scalars[tag]] == [2, 4, 6], tag
         assert all(np.isfinite(v) for _, v in scalars[tag]), tag
     assert all(v > 0 for _, v in scalars["train/images_per_sec"])
     assert all(v == 0 for _, v in scalars["train/skipped_total"])
+    # logged outside the step (tvm_jax.training.parameter_norm): the last one is the final parameters' norm
+    final_norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(p, np.float64)))
+                                   for p in jax.tree.leaves(gmm_runs["state_full"].params))))
+    assert scalars["train/param_norm"][-1][1] == pytest.approx(final_norm, rel=1e-5)
     for n in (1, 2, 4):
         png = os.path.join(workdir, "samples", f"step00000006_{n}step.png")
         assert os.path.getsize(png) > 1000, png

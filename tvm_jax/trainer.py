@@ -52,7 +52,7 @@ from tvm_jax.networks import build_network
 from tvm_jax.objectives import BIN_SUFFIXES, make_objective
 from tvm_jax.paths import writable_directory
 from tvm_jax.sampling import make_sampler
-from tvm_jax.training import TrainState, init_train_state, make_optimizer, make_train_step
+from tvm_jax.training import TrainState, init_train_state, make_optimizer, make_train_step, parameter_norm
 
 
 class TrainingAborted(RuntimeError):
@@ -331,6 +331,7 @@ def _train(config, workdir: str, mesh, ckpt: Checkpointer) -> TrainState:
                     t_log, step_log = now, step
                     scalars = {f"train/{k}": float(v) for k, v in _reported(m).items()}
                     scalars["train/images_per_sec"] = rate
+                    scalars["train/param_norm"] = float(parameter_norm(state.params))
                     writer.write_scalars(step, scalars)
                     eta = (total - step) * (now - t_start) / max(step - start, 1)
                     logging.info("step %d/%d  loss %.4f  grad_norm %.3f  skipped %d  %.1f img/s  ETA %s%s", step, total,

@@ -22,6 +22,10 @@ A step (:func:`make_train_step`) is a pure function ``(state, batch) -> (state, 
    optimiser state and EMAs are all discarded (the state keeps the old ones), ``skipped`` and
    ``consecutive_skipped`` count it, and ``metrics["skipped"]`` reports it.
 
+The step reports no parameter norm: reducing the new parameters inside the step kept XLA from
+fusing the AdamW update with the two EMA updates (one more read and write of every parameter
+array per step, bench/NOTES.md item 28); :func:`parameter_norm` computes it where it is logged.
+
 The metrics are those of the whole global batch (statistics summed over micro-batches, then
 divided), so they, like the update, do not depend on the micro-batch size.
 """
@@ -89,6 +93,12 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int)
         skipped=jnp.zeros((), jnp.int32),
         consecutive_skipped=jnp.zeros((), jnp.int32),
     )
+
+
+@jax.jit
+def parameter_norm(params) -> jax.Array:
+    """The global L2 norm of ``params`` (logged by the trainer at its log steps, outside the step)."""
+    return optax.global_norm(params)
 
 
 def make_train_step(apply, loss_fn: Callable, optimizer: optax.GradientTransformation, config: TrainStepConfig, *,
@@ -171,8 +181,7 @@ def make_train_step(apply, loss_fn: Callable, optimizer: optax.GradientTransform
             consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1),
         )
         metrics = dict(metrics, grad_norm=grad_norm, skipped=skipped, skipped_total=new_state.skipped,
-                       consecutive_skipped=new_state.consecutive_skipped,
-                       param_norm=optax.global_norm(new_state.params))
+                       consecutive_skipped=new_state.consecutive_skipped)
         return new_state, metrics
 
     return step_fn
