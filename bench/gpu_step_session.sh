@@ -130,6 +130,18 @@
 #   bash bench/gpu_step_session.sh z17 # the committed code: GPU0 the 256px headline command (configs/in256.py,
 #                                      # 6 steps) | GPU1 the 512px step (batch 16), then the 256px step
 #                                      # and sampling again
+#   bash bench/gpu_step_session.sh z18 # the step without its per-step parameter norm (tvm_jax.training):
+#                                      # A/B against .baseline/base.tgz (main), 256px step: GPU0 before,
+#                                      # after (+ optimised HLO) | GPU1 after, before
+#   bash bench/gpu_step_session.sh z19 # the gradient norm taken of the per-layer gradients, A/B against
+#                                      # .baseline/update_pass.tgz (z18's code): GPU0 before, after
+#                                      # (+ optimised HLO) | GPU1 after, before
+#   bash bench/gpu_step_session.sh z20 # the 256px headline command on both GPUs (data parallel, 6 steps):
+#                                      # throughput, and its losses against z17's one-GPU run
+#   bash bench/gpu_step_session.sh z21 # the committed code: GPU0 the 512px step (batch 16) | GPU1 the 256px
+#                                      # step and sampling, then the GPU step-vs-XLA test (all cases)
+#   bash bench/gpu_step_session.sh z22 # GPU1 the step-vs-XLA case z21 ran out of time in (auto, no remat,
+#                                      # unrolled) | GPU0 the 256px step again
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -152,6 +164,17 @@ run_tree() {  # run_tree DEVICE TREE TIMEOUT OUT ARGS...: bench/train_step.py of
   local dev=$1 tree=$2 t=$3 out=$4; shift 4
   CUDA_VISIBLE_DEVICES=$dev PYTHONPATH=$tree:/tmp/site timeout "$t" python3 "$tree/bench/train_step.py" "$@" \
     --out "$OUT/$out.json" > "/tmp/log_$out.txt" 2>&1
+}
+ab_step() {  # ab_step NAME: the 256px step of this tree against /tmp/base, alternating on both GPUs in
+             # opposite orders (GPU0 before, then after with its optimised HLO; GPU1 after, then before)
+  local name=$1
+  (run_tree 1 "$PWD" 185 "train_step_h200_${name}_gpu1" --variants default
+   run_tree 1 /tmp/base 185 "train_step_h200_before_${name}_gpu1" --variants default) &
+  run_tree 0 /tmp/base 185 "train_step_h200_before_${name}_gpu0" --variants default
+  run_tree 0 "$PWD" 185 "train_step_h200_${name}_gpu0" --variants default --hlo_dir /tmp/hlo
+  tar -C /tmp -czf "$OUT/hlo_h200_in256_${name}.tgz" hlo 2>/dev/null
+  wait
+  for f in /tmp/log_*"${name}"*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done
 }
 case "${1:-}" in
   h)
@@ -602,6 +625,35 @@ case "${1:-}" in
     run_recipe 0 480 recipe_in256_h200_qkv_tangent configs/in256.py 6
     wait
     for f in /tmp/log_*qkv_tangent*.txt; do echo "--- $f"; tail -n 4 "$f" | cut -c1-500; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17" >&2; exit 2 ;;
+  z18)
+    unpack_base || exit 1
+    log "the step without its parameter norm, A/B against main: GPU0 before, after (+ HLO) | GPU1 after, before"
+    ab_step update_pass ;;
+  z19)
+    unpack_base .baseline/update_pass.tgz || exit 1
+    log "the gradient norm of the per-layer gradients, A/B against the step without its parameter norm: GPU0 before, after (+ HLO) | GPU1 after, before"
+    ab_step layer_grad_norm ;;
+  z20)
+    log "the headline command (configs/in256.py, 6 steps, micro-batch chosen automatically) on both GPUs, data parallel"
+    run_recipe 0,1 560 recipe_in256_h200x2_update_pass configs/in256.py 6
+    tail -n 4 /tmp/log_recipe_in256_h200x2_update_pass.txt | cut -c1-600 ;;
+  z21)
+    log "the committed code (without the per-step parameter norm): GPU0 the 512px step (batch 16) | GPU1 the 256px step + sampling, the GPU step-vs-XLA test"
+    (run_tree 1 "$PWD" 215 train_step_sampling_h200_update_pass_repeat --variants default --sampling
+     CUDA_VISIBLE_DEVICES=1 timeout 170 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -p no:cacheprovider \
+        > "$OUT/pytest_gpu_h200_attention_in_step_update_pass.log" 2>&1) &
+    run_tree 0 "$PWD" 260 train_step_h200_in512_update_pass --config configs/in512.py --batch_per_device 16 --variants default
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_attention_in_step_update_pass.log
+    for f in /tmp/log_*update_pass*.txt; do echo "--- $f"; tail -n 6 "$f" | cut -c1-400; done ;;
+  z22)
+    log "z21's GPU step-vs-XLA test ran past its limit in its last case: GPU1 that case (auto, no remat, unrolled) | GPU0 the 256px step again"
+    (CUDA_VISIBLE_DEVICES=1 timeout 180 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k "auto-none-unroll" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_update_pass_unroll.log" 2>&1) &
+    run_tree 0 "$PWD" 185 train_step_h200_update_pass_repeat --variants default
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_attention_in_step_update_pass_unroll.log
+    for f in /tmp/log_*update_pass_repeat*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22" >&2; exit 2 ;;
 esac
 log done

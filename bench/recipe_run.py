@@ -32,15 +32,18 @@ from queue import Empty, Queue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_STEP = re.compile(r"step (\d+)/(\d+) .*?([\d.]+) img/s")
+_STEP = re.compile(r"step (\d+)/(\d+)  loss (\S+)  grad_norm (\S+) .*?([\d.]+) img/s")
 _MICRO = re.compile(r"Micro-batch size (\d+) per device \(([^)]*)\).*?estimated memory ([\d.]+ [GM]iB)")
 
 
 def parse_log(text: str) -> dict:
-    rates = {int(m.group(1)): float(m.group(3)) for m in _STEP.finditer(text)}
+    steps = list(_STEP.finditer(text))
     micro = _MICRO.search(text)
     return {
-        "images_per_s_by_step": rates,
+        "images_per_s_by_step": {int(m.group(1)): float(m.group(5)) for m in steps},
+        # as logged (4 and 3 decimals): enough to compare runs of one recipe on different device counts
+        "loss_by_step": {int(m.group(1)): float(m.group(3)) for m in steps},
+        "grad_norm_by_step": {int(m.group(1)): float(m.group(4)) for m in steps},
         "microbatch_size": int(micro.group(1)) if micro else None,
         "microbatch_reason": micro.group(2) if micro else None,
         "estimated_memory_per_device": micro.group(3) if micro else None,
