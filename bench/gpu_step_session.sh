@@ -142,6 +142,8 @@
 #                                      # step and sampling, then the GPU step-vs-XLA test (all cases)
 #   bash bench/gpu_step_session.sh z22 # GPU1 the step-vs-XLA case z21 ran out of time in (auto, no remat,
 #                                      # unrolled) | GPU0 the 256px step again
+#   bash bench/gpu_step_session.sh z23 # 1-step sampling at large batches, 3 timed calls each: GPU0 4,096 and
+#                                      # 16,384 | GPU1 32,768 and 24,576 (the largest batch that fits)
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -654,6 +656,14 @@ case "${1:-}" in
     wait
     tail -n 3 "$OUT"/pytest_gpu_h200_attention_in_step_update_pass_unroll.log
     for f in /tmp/log_*update_pass_repeat*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22" >&2; exit 2 ;;
+  z23)
+    log "sampling, 1 step, at large batches (the largest that fits): GPU0 4,096 and 16,384 | GPU1 32,768 and 24,576"
+    (run_tree 1 "$PWD" 250 sampling_h200_large_batch_gpu1 --variants "" --sampling --sampling_batch 32768,24576 \
+        --sampling_steps 1 --sampling_repeats 3) &
+    run_tree 0 "$PWD" 200 sampling_h200_large_batch_gpu0 --variants "" --sampling --sampling_batch 4096,16384 \
+        --sampling_steps 1 --sampling_repeats 3
+    wait
+    for f in /tmp/log_sampling_h200_large_batch*.txt; do echo "--- $f"; grep -E "^sampling|Error" "$f" | cut -c1-300; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23" >&2; exit 2 ;;
 esac
 log done

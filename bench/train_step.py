@@ -24,7 +24,9 @@ attention implementation), ``remat_dots``/``remat_block`` (rematerialisation pol
 backward: ``model.save_attention = False``), ``fsdp`` (parameter sharding over all devices,
 ``mesh.fsdp = #devices``). ``--set model.remat=none`` etc. change the base config.
 ``--sampling`` also times 1- and 4-step sampling of batch 256 (XL/2-18h, bf16) in ms and img/s
-(with ``--profile``: the 1-step call's device time by op family too).
+(with ``--profile``: the 1-step call's device time by op family too), with the sampler's compiled
+memory; ``--sampling_batch``, ``--sampling_steps`` and ``--sampling_repeats`` change the batches,
+step counts and timed calls (a batch that does not fit is reported as an error, the others kept).
 
     python bench/train_step.py --out bench/results/train_step_h100.json
     python bench/train_step.py --config=configs/in512.py --variants=default --batch_per_device=8
@@ -62,15 +64,25 @@ VARIANTS = ("default", "detach_jvp", "naive", "xla_attention", "pallas_attention
             "remat_block", "recompute_attention", "fsdp")
 
 
-def _parse_override(old, value: str):
+def _parse_override(kind: type | None, value: str):
     """``--set`` value in the type of the config entry it replaces (bools by name: bool("False") is True)."""
-    if old is None:
+    if kind is None:
         return value
-    if isinstance(old, bool):
+    if kind is bool:
         if value.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"--set expects true/false for a bool entry, got {value!r}")
         return value.lower() in ("true", "1")
-    return type(old)(value)
+    return kind(value)
+
+
+def _entry_type(node, key: str) -> type | None:
+    """The type of a config entry: its value's, or for an unset placeholder the one it was declared with."""
+    if node[key] is not None:
+        return type(node[key])
+    try:
+        return node.get_ref(key).get_type()
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 def variant_config(base_path: str, variant: str, batch_per_device: int, overrides: list[str]):
@@ -84,7 +96,7 @@ def variant_config(base_path: str, variant: str, batch_per_device: int, override
         parts = key.split(".")
         for p in parts[:-1]:
             node = node[p]
-        node[parts[-1]] = _parse_override(node[parts[-1]], value)
+        node[parts[-1]] = _parse_override(_entry_type(node, parts[-1]), value)
     if variant == "detach_jvp":
         c.objective.detach_jvp = True
     elif variant == "naive":
@@ -252,7 +264,8 @@ def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False,
     return out
 
 
-def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False, hlo_dir: str | None = None) -> dict:
+def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False, hlo_dir: str | None = None,
+                   repeats: int = 10) -> dict:
     from tvm_jax.sampling import make_sampler
 
     mesh = shd.make_mesh(1)
@@ -267,12 +280,13 @@ def bench_sampling(config, batch: int, steps_list=(1, 4), profile: bool = False,
             save_hlo(sampler, hlo_dir, f"sampling_{n}step_batch{batch}")
             jax.block_until_ready(sampler(net.params, noise, labels))
             times = []
-            for _ in range(10):
+            for _ in range(repeats):
                 t = time.perf_counter()
                 jax.block_until_ready(sampler(net.params, noise, labels))
                 times.append((time.perf_counter() - t) * 1e3)
             ms = statistics.median(times)
-            out[f"{n}step"] = {"ms_per_batch": ms, "images_per_s": batch / ms * 1e3, "batch": batch}
+            out[f"{n}step"] = {"ms_per_batch": ms, "images_per_s": batch / ms * 1e3, "batch": batch, "repeats": repeats,
+                               "compiled_memory_mb": memory_mb(sampler)}
             if profile and n == 1:  # device time per op family of one 1-step sampling call
                 prof = profiling.profile(lambda: sampler(net.params, noise, labels), calls=2,
                                          hlo_text=sampler.as_text())
@@ -293,12 +307,23 @@ def main(argv=None):
                    "time by op family (tvm_jax.profiling)")
     p.add_argument("--sampling", action="store_true")
     p.add_argument("--sampling_batch", default="256", help="comma list of sampling batch sizes")
+    p.add_argument("--sampling_steps", default="1,4", help="comma list of sampling step counts")
+    p.add_argument("--sampling_repeats", type=int, default=10, help="timed sampling calls per batch and step count "
+                   "(after one untimed call); fewer for the largest batches")
     p.add_argument("--set", action="append", default=[], help="config override a.b=value (repeatable)")
     p.add_argument("--out", default=None)
     p.add_argument("--hlo_dir", default=None, help="also write each compiled step/sampler's optimised HLO here (gzip)")
     args = p.parse_args(argv)
     if args.steps < 10:
         p.error("--steps must be >= 10")
+    if args.sampling_repeats < 1:
+        p.error("--sampling_repeats must be >= 1")
+    try:
+        sampling_steps = [int(n) for n in args.sampling_steps.split(",")]
+    except ValueError:
+        p.error(f"--sampling_steps must be a comma list of step counts, got {args.sampling_steps!r}")
+    if any(n < 1 for n in sampling_steps):
+        p.error(f"--sampling_steps must all be >= 1, got {args.sampling_steps!r}")
 
     report = {
         "gpu": jax.devices()[0].device_kind, "num_devices": len(jax.devices()),
@@ -328,8 +353,8 @@ def main(argv=None):
         report["sampling"] = {}
         for batch in [int(b) for b in args.sampling_batch.split(",")]:
             try:  # a batch that does not fit must not lose the others
-                for name, r in bench_sampling(cfg, batch, profile=args.profile and batch == 256,
-                                              hlo_dir=args.hlo_dir).items():
+                for name, r in bench_sampling(cfg, batch, sampling_steps, profile=args.profile and batch == 256,
+                                              hlo_dir=args.hlo_dir, repeats=args.sampling_repeats).items():
                     report["sampling"][name if batch == 256 else f"{name}_batch{batch}"] = r
             except Exception as e:  # noqa: BLE001
                 report["sampling"][f"batch{batch}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
@@ -349,7 +374,10 @@ def main(argv=None):
               f"{r['process_peak_bytes_in_use_mb'] or 0:9.0f} {mfu:>6s} {r['compile_s']:9.1f}")
     for name, r in (report.get("sampling") or {}).items():
         if isinstance(r, dict) and "ms_per_batch" in r:
-            print(f"sampling {name}: {r['ms_per_batch']:.1f} ms per batch of {r['batch']}, {r['images_per_s']:.0f} img/s")
+            print(f"sampling {name}: {r['ms_per_batch']:.1f} ms per batch of {r['batch']}, {r['images_per_s']:.0f} img/s, "
+                  f"{r['compiled_memory_mb'] or 0:.0f} MB")
+        elif isinstance(r, dict) and "error" in r:
+            print(f"sampling {name}: ERROR {r['error'][:200]}")
     return report
 
 
