@@ -56,7 +56,7 @@ _LOG2E = math.log2(math.e)
 RESIDUALS_NAME = "tvm_attention_residuals"
 _F32 = jnp.float32
 # Squeezed block dimension (``None`` is the long-standing spelling; newer jax has pl.squeezed).
-_SQ = getattr(pl, "squeezed", None)
+SQUEEZED = getattr(pl, "squeezed", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,20 +132,20 @@ def _params(kc: KernelConfig):
 
 def _rows_spec(block: int, dim: int):
     """(batch, seq, heads, dim) array, one block of `block` rows at grid index i."""
-    return pl.BlockSpec((_SQ, block, _SQ, dim), lambda i, b, h: (b, i, h, 0))
+    return pl.BlockSpec((SQUEEZED, block, SQUEEZED, dim), lambda i, b, h: (b, i, h, 0))
 
 
 def _all_rows_spec(seq: int, dim: int):
-    return pl.BlockSpec((_SQ, seq, _SQ, dim), lambda i, b, h: (b, 0, h, 0))
+    return pl.BlockSpec((SQUEEZED, seq, SQUEEZED, dim), lambda i, b, h: (b, 0, h, 0))
 
 
 def _stat_rows_spec(block: int):
     """(batch, heads, seq) fp32 row statistics, one block at grid index i."""
-    return pl.BlockSpec((_SQ, _SQ, block), lambda i, b, h: (b, h, i))
+    return pl.BlockSpec((SQUEEZED, SQUEEZED, block), lambda i, b, h: (b, h, i))
 
 
 def _all_stat_spec(seq: int):
-    return pl.BlockSpec((_SQ, _SQ, seq), lambda i, b, h: (b, h, 0))
+    return pl.BlockSpec((SQUEEZED, SQUEEZED, seq), lambda i, b, h: (b, h, 0))
 
 
 def _like(x, fn=None):
@@ -240,16 +240,16 @@ class QKVPrologue:
 def _qkv_slot_spec(slot: int, block: int, dim: int):
     """Rows of one of q/k/v (slot 0/1/2) of a (batch, seq, 3, heads, dim) qkv array, one block
     of ``block`` rows at grid index i."""
-    return pl.BlockSpec((_SQ, block, _SQ, _SQ, dim), lambda i, b, h: (b, i, slot, h, 0))
+    return pl.BlockSpec((SQUEEZED, block, SQUEEZED, SQUEEZED, dim), lambda i, b, h: (b, i, slot, h, 0))
 
 
 def _qkv_slot_all_spec(slot: int, seq: int, dim: int):
-    return pl.BlockSpec((_SQ, seq, _SQ, _SQ, dim), lambda i, b, h: (b, 0, slot, h, 0))
+    return pl.BlockSpec((SQUEEZED, seq, SQUEEZED, SQUEEZED, dim), lambda i, b, h: (b, 0, slot, h, 0))
 
 
 def _bias_spec(slot: int, dim: int):
     """One head's row of slot 0/1/2 of a (3, heads, dim) bias."""
-    return pl.BlockSpec((_SQ, _SQ, dim), lambda i, b, h: (slot, h, 0))
+    return pl.BlockSpec((SQUEEZED, SQUEEZED, dim), lambda i, b, h: (slot, h, 0))
 
 
 def _add_bias(x, b):
@@ -279,7 +279,7 @@ def split_qkv_call(qkv, bias, wq, wk, pro: QKVPrologue, interpret: bool):
     memory rate, and the bias add and the v slice were passes of their own.)"""
     b, s, _, h, d = qkv.shape
     rows = math.gcd(s, _SPLIT_ROWS)  # s is a multiple of a power of two >= 16
-    out = pl.BlockSpec((_SQ, rows, _SQ, d), lambda i, b, h: (b, i, h, 0))
+    out = pl.BlockSpec((SQUEEZED, rows, SQUEEZED, d), lambda i, b, h: (b, i, h, 0))
     bias_spec = [_bias_spec(j, d) for j in range(3)]
     weight = pl.BlockSpec((d,), lambda i, b, h: (0,))
     o_shape = _like(qkv, lambda a: a[:, :, 0])

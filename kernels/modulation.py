@@ -30,11 +30,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels import api as _api
 from kernels.sharding import batch_sharded
+from kernels.flash import SQUEEZED
 from kernels.reference import rms_norm
 
 IMPLS = ("auto", "pallas", "xla")
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_SQ = getattr(pl, "squeezed", None)
 # (rows, warps) per program; rows is the most per block (fewer when the token count has fewer
 # factors of two). The fastest of bench/residual_norm_modulate.py's sweep on an H200
 # (bench/results/residual_norm_modulate_h200.json), summed over batches 256 and 64 of 256 tokens.
@@ -75,8 +75,8 @@ def _kernel(x_ref, y_ref, b_ref, g_ref, sh_ref, sc_ref, o_ref, *, eps, width, ch
 def _call(x, y, bias, gate, shift, scale, eps, out_dtype, interpret, tiles):
     b, n, c = x.shape
     rows, warps = math.gcd(n, tiles[0]), tiles[1]
-    tokens = pl.BlockSpec((_SQ, rows, c), lambda i, t: (i, t, 0))
-    per_batch = pl.BlockSpec((_SQ, c), lambda i, t: (i, 0))
+    tokens = pl.BlockSpec((SQUEEZED, rows, c), lambda i, t: (i, t, 0))
+    per_batch = pl.BlockSpec((SQUEEZED, c), lambda i, t: (i, 0))
     return pl.pallas_call(
         functools.partial(_kernel, eps=eps, width=c, chunk=math.gcd(c, _CHUNK)),
         grid=(b, n // rows),

@@ -43,10 +43,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.sharding import batch_sharded
-from kernels.flash import QKVPrologue, split_qkv
+from kernels.flash import SQUEEZED, QKVPrologue, split_qkv
 
 _F32 = jnp.float32
-_SQ = getattr(pl, "squeezed", None)
 # Rows per program (fewer when the sequence has fewer factors of two) and warps.
 ROWS, WARPS = 64, 4
 
@@ -103,10 +102,10 @@ def _bwd_call(qkv, tqkv, bias, wq, wk, cts, pro: QKVPrologue, interpret: bool):
     b, s, _, h, d = qkv.shape
     rows = math.gcd(s, ROWS)
     grid = (s // rows, b, 3 * h)
-    slot_rows = pl.BlockSpec((_SQ, rows, _SQ, _SQ, d), lambda i, n, jh: (n, i, jh // h, jh % h, 0))
-    head_rows = pl.BlockSpec((_SQ, rows, _SQ, d), lambda i, n, jh: (n, i, jh % h, 0))
-    partial = pl.BlockSpec((_SQ, _SQ, _SQ, d), lambda i, n, jh: (n, i, jh, 0))
-    bias_row = pl.BlockSpec((_SQ, _SQ, d), lambda i, n, jh: (jh // h, jh % h, 0))
+    slot_rows = pl.BlockSpec((SQUEEZED, rows, SQUEEZED, SQUEEZED, d), lambda i, n, jh: (n, i, jh // h, jh % h, 0))
+    head_rows = pl.BlockSpec((SQUEEZED, rows, SQUEEZED, d), lambda i, n, jh: (n, i, jh % h, 0))
+    partial = pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, d), lambda i, n, jh: (n, i, jh, 0))
+    bias_row = pl.BlockSpec((SQUEEZED, SQUEEZED, d), lambda i, n, jh: (jh // h, jh % h, 0))
     weight = pl.BlockSpec((d,), lambda i, n, jh: (0,))
     partial_shape = jax.ShapeDtypeStruct((b, s // rows, 3 * h, d), _F32)
     dqkv, dtqkv, dw, db = pl.pallas_call(

@@ -279,7 +279,8 @@ def test_unrolled_backward_writes_each_stacked_gradient_once():
     stacked_grads = set(layer_concatenates(text, depth))
     n_stacked = len(jax.tree.leaves(params["blocks"]))
     assert len(stacked_grads) == n_stacked, (len(stacked_grads), n_stacked)
-    assert stacked_grads <= barrier_operands(text), sorted(stacked_grads - barrier_operands(text))
+    barriers = barrier_operands(text)
+    assert stacked_grads <= barriers, sorted(stacked_grads - barriers)
 
 
 @pytest.mark.parametrize("remat", ["dots", "block"])
