@@ -144,6 +144,19 @@
 #                                      # unrolled) | GPU0 the 256px step again
 #   bash bench/gpu_step_session.sh z23 # 1-step sampling at large batches, 3 timed calls each: GPU0 4,096 and
 #                                      # 16,384 | GPU1 32,768 and 24,576 (the largest batch that fits)
+#   bash bench/gpu_step_session.sh z24 # XLA flags, one process each, 256px step: GPU0 none, concurrent
+#                                      # command-buffer regions, Triton TMA | GPU1 concurrent regions, none,
+#                                      # Triton GEMM off
+#   (z25-z27 ran branch concurrent-kernels-option, where train.concurrent_kernels exists; not on main)
+#   bash bench/gpu_step_session.sh z25 # train.concurrent_kernels: the headline command (6 steps, one GPU)
+#                                      # GPU0 with it, GPU1 without; then sampling with / without the option
+#   bash bench/gpu_step_session.sh z26 # train.concurrent_kernels at batch 64 (the recipe's micro-batch): GPU0
+#                                      # the 256px step with it, then sampling at batch 14,336 | GPU1 the GPU
+#                                      # step-vs-XLA test's unrolled cases with the option, the step without it
+#   bash bench/gpu_step_session.sh z27 # train.concurrent_kernels (jax.jit compiler_options) at batch 32:
+#                                      # GPU0 with it | GPU1 without it
+#   bash bench/gpu_step_session.sh z28 # XLA_FLAGS concurrent command-buffer regions at batch 64 (the recipe's
+#                                      # micro-batch): GPU0 with the flag | GPU1 without it
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -165,6 +178,11 @@ run_recipe() {  # run_recipe DEVICE TIMEOUT OUT CONFIG STEPS ARGS...: bench/reci
 run_tree() {  # run_tree DEVICE TREE TIMEOUT OUT ARGS...: bench/train_step.py of one code tree
   local dev=$1 tree=$2 t=$3 out=$4; shift 4
   CUDA_VISIBLE_DEVICES=$dev PYTHONPATH=$tree:/tmp/site timeout "$t" python3 "$tree/bench/train_step.py" "$@" \
+    --out "$OUT/$out.json" > "/tmp/log_$out.txt" 2>&1
+}
+run_flags() {  # run_flags DEVICE FLAGS TIMEOUT OUT ARGS...: this tree's 256px step with XLA_FLAGS=FLAGS
+  local dev=$1 flags=$2 t=$3 out=$4; shift 4
+  CUDA_VISIBLE_DEVICES=$dev XLA_FLAGS="$flags" timeout "$t" python3 bench/train_step.py --variants default "$@" \
     --out "$OUT/$out.json" > "/tmp/log_$out.txt" 2>&1
 }
 ab_step() {  # ab_step NAME: the 256px step of this tree against /tmp/base, alternating on both GPUs in
@@ -664,6 +682,53 @@ case "${1:-}" in
         --sampling_steps 1 --sampling_repeats 3
     wait
     for f in /tmp/log_sampling_h200_large_batch*.txt; do echo "--- $f"; grep -E "^sampling|Error" "$f" | cut -c1-300; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23" >&2; exit 2 ;;
+  z24)
+    log "XLA flags for the unrolled 256px step, each in its own process: GPU0 none, concurrent graph regions, Triton TMA | GPU1 concurrent graph regions, none, no Triton GEMM"
+    (run_flags 1 "--xla_gpu_graph_enable_concurrent_region=true" 185 train_step_h200_flag_concurrent_region_gpu1
+     run_flags 1 "" 185 train_step_h200_flag_none_gpu1
+     run_flags 1 "--xla_gpu_enable_triton_gemm=false" 185 train_step_h200_flag_no_triton_gemm_gpu1) &
+    run_flags 0 "" 185 train_step_h200_flag_none_gpu0
+    run_flags 0 "--xla_gpu_graph_enable_concurrent_region=true" 185 train_step_h200_flag_concurrent_region_gpu0
+    run_flags 0 "--xla_gpu_experimental_enable_triton_tma=true" 185 train_step_h200_flag_triton_tma_gpu0
+    wait
+    for f in /tmp/log_train_step_h200_flag_*.txt; do echo "--- $f"; tail -n 2 "$f" | cut -c1-300; done ;;
+  z25)
+    log "train.concurrent_kernels: GPU0 the headline command (configs/in256.py, 6 steps, one GPU) with it, then sampling with XLA_FLAGS=concurrent regions | GPU1 without it, then sampling without"
+    (run_recipe 1 390 recipe_in256_h200_concurrent_off configs/in256.py 6
+     CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/train_step.py --variants "" --sampling \
+        --out "$OUT/sampling_h200_concurrent_off.json" > /tmp/log_sampling_concurrent_off.txt 2>&1) &
+    run_recipe 0 390 recipe_in256_h200_concurrent_on configs/in256.py 6 --set train.concurrent_kernels=true
+    CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_graph_enable_concurrent_region=true timeout 150 python3 bench/train_step.py \
+        --variants "" --sampling --out "$OUT/sampling_h200_concurrent_on.json" > /tmp/log_sampling_concurrent_on.txt 2>&1
+    wait
+    for f in /tmp/log_recipe_in256_h200_concurrent*.txt /tmp/log_sampling_concurrent*.txt; do
+      echo "--- $f"; grep -E "Micro-batch|img/s|sampling|Error" "$f" | tail -n 6 | cut -c1-300; done ;;
+  z26)
+    log "train.concurrent_kernels at the recipe's micro-batch: GPU0 the 256px step at batch 64 with it, then sampling at batch 14,336 | GPU1 the GPU step-vs-XLA test's unrolled cases with the option, then the step at batch 64 without it"
+    (CUDA_VISIBLE_DEVICES=1 XLA_FLAGS=--xla_gpu_graph_enable_concurrent_region=true timeout 200 python3 -m pytest -q -m gpu \
+        tests/test_attention_in_step.py -k unroll -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_concurrent.log" 2>&1
+     run_tree 1 "$PWD" 200 train_step_h200_b64_concurrent_off --variants default --batch_per_device 64) &
+    run_tree 0 "$PWD" 200 train_step_h200_b64_concurrent_on --variants default --batch_per_device 64 \
+        --set train.concurrent_kernels=true
+    run_tree 0 "$PWD" 190 sampling_h200_batch14336 --variants "" --sampling --sampling_batch 14336 --sampling_steps 1 \
+        --sampling_repeats 3
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_attention_in_step_concurrent.log"
+    for f in /tmp/log_train_step_h200_b64_concurrent*.txt /tmp/log_sampling_h200_batch14336.txt; do
+      echo "--- $f"; tail -n 3 "$f" | cut -c1-300; done ;;
+  z27)
+    log "train.concurrent_kernels through jax.jit(compiler_options=...) at batch 32: GPU0 with it | GPU1 without it"
+    (run_tree 1 "$PWD" 200 train_step_h200_b32_concurrent_off --variants default) &
+    run_tree 0 "$PWD" 200 train_step_h200_b32_concurrent_on --variants default --set train.concurrent_kernels=true
+    wait
+    for f in /tmp/log_train_step_h200_b32_concurrent*.txt; do echo "--- $f"; tail -n 2 "$f" | cut -c1-300; done ;;
+  z28)
+    log "XLA_FLAGS=--xla_gpu_graph_enable_concurrent_region=true at batch 64 (the recipe's micro-batch): GPU0 with it | GPU1 without it"
+    (run_flags 1 "" 220 train_step_h200_b64_flag_none --batch_per_device 64) &
+    run_flags 0 "--xla_gpu_graph_enable_concurrent_region=true" 220 train_step_h200_b64_flag_concurrent_region \
+        --batch_per_device 64
+    wait
+    for f in /tmp/log_train_step_h200_b64_flag*.txt; do echo "--- $f"; tail -n 2 "$f" | cut -c1-300; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28" >&2; exit 2 ;;
 esac
 log done

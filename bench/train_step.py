@@ -58,7 +58,7 @@ from tvm_jax import sharding as shd  # noqa: E402
 from tvm_jax.config import load_config_file, objective_config, train_step_config, validate_config  # noqa: E402
 from tvm_jax.objectives import make_objective  # noqa: E402
 from tvm_jax.networks import build_network  # noqa: E402
-from tvm_jax.training import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from tvm_jax.training import init_train_state, jit_train_step, make_optimizer, make_train_step  # noqa: E402
 
 VARIANTS = ("default", "detach_jvp", "naive", "xla_attention", "pallas_attention", "remat_none", "remat_dots",
             "remat_block", "recompute_attention", "fsdp")
@@ -205,12 +205,10 @@ def bench_variant(config, steps: int, peak_tflops: float, profile: bool = False,
         state_sh = shd.state_shardings(jax.eval_shape(init, net.params), mesh)
         state = jax.jit(init, out_shardings=state_sh, donate_argnums=(0,))(net.params)
         del net.params
-        step_fn = make_train_step(net.apply, make_objective(objective_config(config)), opt, train_step_config(config),
-                                  batch_sharding=shd.batch_sharding(mesh), param_shardings=state_sh.params,
-                                  prepare_params=net.prepare)
         batch_sh = shd.batch_sharding(mesh)
-        jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
-                         donate_argnums=(0,))
+        step_fn = make_train_step(net.apply, make_objective(objective_config(config)), opt, train_step_config(config),
+                                  batch_sharding=batch_sh, param_shardings=state_sh.params, prepare_params=net.prepare)
+        jitted = jit_train_step(step_fn, state_sh, batch_sh)
         gb = config.train.global_batch_size
         rng = np.random.default_rng(0)
         batches = [shd.global_batch({"x": rng.standard_normal((gb, *config.data.shape), dtype=np.float32),

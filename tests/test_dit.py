@@ -220,12 +220,20 @@ def _jvp_loss_and_grads(config, params, x):
 PALLAS_TINY = {**TINY, "attention_impl": "pallas"}
 
 
-@pytest.mark.parametrize("remat,save_attention", [("dots", True), ("dots", False), ("block", True)])
-def test_remat_policies_leave_the_jvp_loss_and_gradients_unchanged(remat, save_attention):
+@pytest.fixture(scope="module")
+def scan_reference():
+    """Parameters, an input, and the JVP loss and gradients of the layer scan without remat (Pallas
+    kernels in the interpreter): the reference of the remat and unrolled-loop tests, computed once."""
     _, params = build_dit(DiTConfig.create(None, **PALLAS_TINY))
     params = _random_params(params, jax.random.key(7), scale=0.2)
     x = jax.random.normal(jax.random.key(8), (2, 8, 8, 3))
-    (ref_loss, ref_grads), _ = _jvp_loss_and_grads(DiTConfig.create(None, **PALLAS_TINY), params, x)
+    (loss, grads), _ = _jvp_loss_and_grads(DiTConfig.create(None, **PALLAS_TINY), params, x)
+    return params, x, loss, grads
+
+
+@pytest.mark.parametrize("remat,save_attention", [("dots", True), ("dots", False), ("block", True)])
+def test_remat_policies_leave_the_jvp_loss_and_gradients_unchanged(remat, save_attention, scan_reference):
+    params, x, ref_loss, ref_grads = scan_reference
     config = DiTConfig.create(None, **PALLAS_TINY, remat=remat, save_attention=save_attention)
     (loss, grads), _ = _jvp_loss_and_grads(config, params, x)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -235,21 +243,19 @@ def test_remat_policies_leave_the_jvp_loss_and_gradients_unchanged(remat, save_a
 
 
 @pytest.mark.parametrize("remat", ["none", "dots"])
-def test_unrolled_layers_give_the_scans_forward_jvp_loss_and_gradients(remat):
+def test_unrolled_layers_give_the_scans_forward_jvp_loss_and_gradients(remat, scan_reference):
     """``layer_loop="unroll"`` runs the same blocks with the same parameters one traced copy at a
     time: the forward, the JVP loss and every gradient equal the scan's (float32, Pallas kernels in
-    the interpreter), and under remat nothing is saved stacked per layer."""
-    _, params = build_dit(DiTConfig.create(None, **PALLAS_TINY))
-    params = _random_params(params, jax.random.key(11), scale=0.2)
-    x = jax.random.normal(jax.random.key(12), (2, 8, 8, 3))
-    results = {}
+    the interpreter; the scan without remat, which the remat test above equates with the scan under
+    remat), and under remat nothing is saved stacked per layer."""
+    params, x, l_scan, g_scan = scan_reference
+    forwards = {}
     for loop in ("scan", "unroll"):
-        config = DiTConfig.create(None, **PALLAS_TINY, remat=remat, layer_loop=loop)
-        apply, _ = build_dit(config)
-        forward = jax.jit(apply)(params, x, jnp.array([0.7, 0.3]), 0.2, jnp.array([2, 5]), 0.5)
-        (value, grads), loss = _jvp_loss_and_grads(config, params, x)
-        results[loop] = forward, value, grads, loss
-    (f_scan, l_scan, g_scan, _), (f_unroll, l_unroll, g_unroll, loss) = results["scan"], results["unroll"]
+        apply, _ = build_dit(DiTConfig.create(None, **PALLAS_TINY, remat=remat, layer_loop=loop))
+        forwards[loop] = jax.jit(apply)(params, x, jnp.array([0.7, 0.3]), 0.2, jnp.array([2, 5]), 0.5)
+    config = DiTConfig.create(None, **PALLAS_TINY, remat=remat, layer_loop="unroll")
+    (l_unroll, g_unroll), loss = _jvp_loss_and_grads(config, params, x)
+    f_scan, f_unroll = forwards["scan"], forwards["unroll"]
     np.testing.assert_allclose(f_unroll, f_scan, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(l_unroll, l_scan, rtol=1e-6)
     assert jax.tree.structure(g_unroll) == jax.tree.structure(g_scan)

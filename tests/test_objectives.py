@@ -21,6 +21,7 @@ NUM_CLASSES = 5
 def net():
     apply, params = build_dit(DiTConfig.create(None, input_size=8, in_channels=2, hidden_size=32, depth=2,
                                                num_heads=2, num_classes=NUM_CLASSES, dtype="float32"))
+    apply = jax.jit(apply, static_argnames="jvp")  # the objectives run eagerly; the network compiled (speed)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     student = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])

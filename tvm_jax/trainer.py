@@ -52,7 +52,8 @@ from tvm_jax.networks import build_network
 from tvm_jax.objectives import BIN_SUFFIXES, make_objective
 from tvm_jax.paths import writable_directory
 from tvm_jax.sampling import make_sampler
-from tvm_jax.training import TrainState, init_train_state, make_optimizer, make_train_step, parameter_norm
+from tvm_jax.training import (TrainState, init_train_state, jit_train_step, make_optimizer, make_train_step,
+                              parameter_norm)
 
 
 class TrainingAborted(RuntimeError):
@@ -260,8 +261,7 @@ def _train(config, workdir: str, mesh, ckpt: Checkpointer) -> TrainState:
                                   dataclasses.replace(step_config, microbatch_size=microbatch_size),
                                   batch_sharding=batch_sh, param_shardings=state_sh.params,
                                   prepare_params=net.prepare)
-        return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
-                       donate_argnums=(0,)).lower(abstract_like(state, state_sh), abstract_batch)
+        return jit_train_step(step_fn, state_sh, batch_sh).lower(abstract_like(state, state_sh), abstract_batch)
 
     train_step = compile_train_step(lower, global_batch // mesh.devices.size, step_config.microbatch_size).compiled
 

@@ -42,6 +42,7 @@ import optax
 from tvm_jax.microbatching import micro_batch_count, split_microbatches
 from tvm_jax.objectives import stat_means
 from tvm_jax.randomness import example_keys
+from tvm_jax.sharding import replicated
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -93,6 +94,14 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int)
         skipped=jnp.zeros((), jnp.int32),
         consecutive_skipped=jnp.zeros((), jnp.int32),
     )
+
+
+def jit_train_step(step_fn: Callable, state_shardings, batch_sharding: jax.sharding.NamedSharding):
+    """``step_fn`` of :func:`make_train_step` jitted as the trainer and the benchmarks run it: the
+    state donated (updated in place), the batch in ``batch_sharding``, the metrics replicated on
+    its mesh."""
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated(batch_sharding.mesh)), donate_argnums=(0,))
 
 
 @jax.jit
