@@ -157,6 +157,8 @@
 #                                      # GPU0 with it | GPU1 without it
 #   bash bench/gpu_step_session.sh z28 # XLA_FLAGS concurrent command-buffer regions at batch 64 (the recipe's
 #                                      # micro-batch): GPU0 with the flag | GPU1 without it
+#   bash bench/gpu_step_session.sh z29 # profiles with command buffers on (device time against wall time):
+#                                      # GPU0 the 256px step | GPU1 sampling
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -729,6 +731,17 @@ case "${1:-}" in
         --batch_per_device 64
     wait
     for f in /tmp/log_train_step_h200_b64_flag*.txt; do echo "--- $f"; tail -n 2 "$f" | cut -c1-300; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28" >&2; exit 2 ;;
+  z29)
+    log "profiles with command buffers on (the default), to compare device time with wall time: GPU0 the 256px step | GPU1 sampling"
+    # XLA turns command buffers off while a profiler runs unless this flag says otherwise
+    export XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true
+    timeout 60 python3 -c "import jax; jax.numpy.ones(1).block_until_ready()" || { echo "flag refused"; exit 1; }
+    (CUDA_VISIBLE_DEVICES=1 timeout 200 python3 bench/train_step.py --variants "" --sampling --profile \
+        --out "$OUT/sampling_h200_profile_command_buffers_on.json" > /tmp/log_sampling_profile_cb.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 220 python3 bench/train_step.py --variants default --profile \
+        --out "$OUT/profile_h200_in256_command_buffers_on.json" > /tmp/log_step_profile_cb.txt 2>&1
+    wait
+    for f in /tmp/log_step_profile_cb.txt /tmp/log_sampling_profile_cb.txt; do echo "--- $f"; tail -n 4 "$f" | cut -c1-300; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29" >&2; exit 2 ;;
 esac
 log done
