@@ -57,6 +57,7 @@ from tvm_jax import profiling  # noqa: E402
 from tvm_jax import sharding as shd  # noqa: E402
 from tvm_jax.config import load_config_file, objective_config, train_step_config, validate_config  # noqa: E402
 from tvm_jax.objectives import make_objective  # noqa: E402
+from tvm_jax.microbatching import compiled_memory_bytes  # noqa: E402
 from tvm_jax.networks import build_network  # noqa: E402
 from tvm_jax.training import init_train_state, jit_train_step, make_optimizer, make_train_step  # noqa: E402
 
@@ -122,12 +123,9 @@ def variant_config(base_path: str, variant: str, batch_per_device: int, override
 
 
 def memory_mb(compiled) -> float | None:
-    try:
-        m = compiled.memory_analysis()
-        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-        return total / 2**20
-    except Exception:  # noqa: BLE001
-        return None
+    """The compiled executable's per-device memory in MiB (as the trainer's micro-batch choice counts it)."""
+    n = compiled_memory_bytes(compiled)
+    return None if n is None else n / 2**20
 
 
 def flops_of(compiled) -> float | None:
