@@ -129,7 +129,7 @@ class _Log(std_logging.Handler):
 def _capture_log():
     log = _Log()
     logger = std_logging.getLogger("absl")
-    verbosity = logging.get_verbosity()
+    verbosity, level = logging.get_verbosity(), logger.level
     logging.set_verbosity(logging.INFO)
     logger.addHandler(log)
     try:
@@ -137,6 +137,7 @@ def _capture_log():
     finally:
         logger.removeHandler(log)
         logging.set_verbosity(verbosity)
+        logger.setLevel(level)  # set_verbosity(-1) sets WARNING on a logger whose level was unset
 
 
 def _train(config, workdir):
