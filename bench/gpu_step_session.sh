@@ -159,6 +159,13 @@
 #                                      # micro-batch): GPU0 with the flag | GPU1 without it
 #   bash bench/gpu_step_session.sh z29 # profiles with command buffers on (device time against wall time):
 #                                      # GPU0 the 256px step | GPU1 sampling
+#   bash bench/gpu_step_session.sh z30 # the JVP call's pre-norms with a Pallas backward: GPU1 the native kernel
+#                                      # tests, bench/norm_tangent.py's sweep, the 256px step after / before |
+#                                      # GPU0 before, after (+ HLO), the GPU step-vs-XLA test's unrolled cases
+#   bash bench/gpu_step_session.sh z31 # bench/norm_tangent.py's sweep (rows, warps, keep) at the 256px shape
+#                                      # (TILES=... picks the candidates; the first run used the default shown)
+#   bash bench/gpu_step_session.sh z32 # z30's A/B again with the swept tiles (2, 1, 0): GPU1 the native kernel
+#                                      # tests, the 256px step after / before | GPU0 before, after
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -742,6 +749,42 @@ case "${1:-}" in
         --out "$OUT/profile_h200_in256_command_buffers_on.json" > /tmp/log_step_profile_cb.txt 2>&1
     wait
     for f in /tmp/log_step_profile_cb.txt /tmp/log_sampling_profile_cb.txt; do echo "--- $f"; tail -n 4 "$f" | cut -c1-300; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29" >&2; exit 2 ;;
+  z30)
+    unpack_base || exit 1
+    log "the JVP call's pre-norms with a Pallas backward (kernels.norm_modulate_tangent): GPU1 its native tests, the tile sweep, then the 256px step after / before | GPU0 before, after (+ HLO), then the GPU step-vs-XLA test's unrolled cases"
+    (CUDA_VISIBLE_DEVICES=1 timeout 120 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k norm_modulate_tangent \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_norm_tangent.log" 2>&1
+     CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/norm_tangent.py --out "$OUT/norm_tangent_h200.json" \
+        > /tmp/log_norm_tangent_sweep.txt 2>&1
+     run_tree 1 "$PWD" 180 train_step_h200_norm_tangent_gpu1 --variants default
+     run_tree 1 /tmp/base 180 train_step_h200_before_norm_tangent_gpu1 --variants default) &
+    run_tree 0 /tmp/base 180 train_step_h200_before_norm_tangent_gpu0 --variants default
+    run_tree 0 "$PWD" 180 train_step_h200_norm_tangent_gpu0 --variants default --hlo_dir /tmp/hlo
+    tar -C /tmp -czf "$OUT/hlo_h200_in256_norm_tangent.tgz" hlo 2>/dev/null
+    CUDA_VISIBLE_DEVICES=0 timeout 190 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_norm_tangent.log" 2>&1
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_norm_tangent.log "$OUT"/pytest_gpu_h200_attention_in_step_norm_tangent.log
+    cat /tmp/log_norm_tangent_sweep.txt | cut -c1-300
+    for f in /tmp/log_*norm_tangent_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  z31)
+    TILES=${TILES:-4,2,0;4,2,1;2,1,0;2,1,1;2,2,0;2,2,1;4,4,0;4,4,1;4,1,1;8,2,1;8,4,1;16,4,1;1,1,1}
+    log "bench/norm_tangent.py's sweep with rows kept in registers (keep) and smaller row tiles, at the 256px shape: GPU0"
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/norm_tangent.py --shapes 32,256 --tiles "$TILES" --out "$OUT/norm_tangent_h200.json" \
+        > /tmp/log_norm_tangent_sweep.txt 2>&1
+    cut -c1-300 /tmp/log_norm_tangent_sweep.txt ;;
+  z32)
+    unpack_base || exit 1
+    log "the JVP call's pre-norms with the swept tiles (2 rows, 1 warp, rows read twice): GPU1 the native kernel tests, the 256px step after / before | GPU0 before, after (+ HLO)"
+    (CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k norm_modulate_tangent \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_norm_tangent_tiles.log" 2>&1
+     run_tree 1 "$PWD" 180 train_step_h200_norm_tangent_tiles_gpu1 --variants default
+     run_tree 1 /tmp/base 180 train_step_h200_before_norm_tangent_tiles_gpu1 --variants default) &
+    run_tree 0 /tmp/base 180 train_step_h200_before_norm_tangent_tiles_gpu0 --variants default
+    run_tree 0 "$PWD" 180 train_step_h200_norm_tangent_tiles_gpu0 --variants default
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_norm_tangent_tiles.log
+    for f in /tmp/log_*norm_tangent_tiles_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32" >&2; exit 2 ;;
 esac
 log done

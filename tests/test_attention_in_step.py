@@ -30,7 +30,8 @@ def _config(impl: str, *, hidden: int, heads: int, depth: int, size: int, remat:
     return c
 
 
-def _loss_and_grads(config, batch: int):
+def _loss_grad_fn(config, batch: int):
+    """(value_and_grad of the objective's loss, the parameters it is evaluated at)."""
     net = build_network(config)
     loss_fn = make_objective(objective_config(config))
     rng = np.random.default_rng(0)
@@ -45,7 +46,12 @@ def _loss_and_grads(config, batch: int):
     def loss(p):
         return loss_fn(net.apply, p, target, x0, labels, keys)[0]
 
-    return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
+    return jax.value_and_grad(loss), params
+
+
+def _loss_and_grads(config, batch: int):
+    fn, params = _loss_grad_fn(config, batch)
+    return jax.device_get(jax.jit(fn)(params))
 
 
 def _relative(a, b) -> float:
@@ -65,6 +71,20 @@ def _compare(impl: str, tolerance: float, remat: str = "none", layer_loop: str =
 
 def test_pallas_step_matches_xla_on_cpu():
     _compare("pallas", 1e-4, hidden=32, heads=2, depth=1, size=8)  # head dim 16, 16 tokens (interpreter)
+
+
+def test_pallas_step_with_the_memory_pass_kernels_matches_xla_on_cpu(monkeypatch):
+    """``auto`` standing as on a GPU (kernels in the interpreter): the JVP call's pre-norms run
+    kernels.norm_modulate_tangent, whose Pallas backward the gradient uses, and the other calls
+    the MLP and second-norm kernels; the loss and gradients are still the XLA step's."""
+    import kernels.api
+
+    monkeypatch.setattr(kernels.api, "_on_gpu", lambda: True)
+    fn, params = _loss_grad_fn(_config("pallas", hidden=32, heads=2, depth=1, size=8), batch=4)
+    text = str(jax.make_jaxpr(fn)(params))
+    for name in ("tvm_norm_modulate_tangent_bwd", "tvm_bias_gelu", "tvm_residual_norm_modulate"):
+        assert name in text, name
+    _compare("pallas", 1e-4, hidden=32, heads=2, depth=1, size=8)
 
 
 @pytest.mark.gpu

@@ -39,6 +39,9 @@ def test_op_family_rules():
         "MLP bias + GELU (Pallas)"
     assert fam("tvm_residual_norm_modulate", "pallas_call.9", "jit(sample)/tvm_residual_norm_modulate/pallas_call") == \
         "second pre-norm: residual, RMS norm, modulation (Pallas)"
+    assert fam("tvm_norm_modulate_tangent_bwd", "pallas_call.77",
+               "jit(step_fn)/transpose(jvp(jvp()))/tvm_norm_modulate_tangent_bwd/pallas_call") == \
+        "pre-norms of the JVP call, backward (Pallas)"
     assert fam("tvm_flash_fwd_qkv", "pallas_call.3", "pallas_call") == "attention forward (plain)"
     assert fam("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN", "custom-call.12", "jit(step)/dot_general") == "matmuls"
     assert fam("gemm_fusion_dot_123", "gemm_fusion_dot.123", "") == "matmuls"

@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import RESIDUALS_NAME
-from kernels import attention_qkv, bias_gelu, qk_rms_norm, residual_norm_modulate
+from kernels import attention_qkv, bias_gelu, norm_modulate_tangent, qk_rms_norm, residual_norm_modulate
 from kernels.reference import rms_norm  # the model's weightless pre-norm (one definition)
 
 # name -> (hidden_size, depth, num_heads); patch size 2 for all of them.
@@ -357,14 +357,25 @@ class DiTBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, c: jax.Array, *, jvp: bool = False) -> jax.Array:
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(self.adaLN(nnx.silu(c)), 6, self.mod_norm)
-        h = _modulate(self.norm(x), shift1, scale1)
         if self.norm is not rms_norm:
+            h = _modulate(self.norm(x), shift1, scale1)
             x = x + gate1[:, None, :] * _acc(self.attn(h, jvp=jvp))
             return x + gate2[:, None, :] * _acc(self.mlp(_modulate(self.norm(x), shift2, scale2)))
-        # RMS pre-norms: the gated residual add, the second norm and its modulation run as one
-        # Pallas pass on a GPU (kernels.residual_norm_modulate, the same function as the lines
-        # above; differentiated calls stay with XLA). The residual itself is added as before.
-        y, bias = _matmul_and_bias(self.attn.proj, self.attn.attend(h, jvp=jvp))
+        if jvp:
+            # The JVP call: both pre-norms and their modulation through kernels.norm_modulate_tangent
+            # (XLA's forward; the reverse mode of the pair is one Pallas pass on a GPU). An XLA
+            # attention model stays XLA throughout (the reference of the GPU step check).
+            impl = "xla" if self.attn.impl == "xla" else "auto"
+            h = norm_modulate_tangent(x, shift1, scale1, eps=1e-6, out_dtype=self.attn.qkv.dtype, impl=impl)
+            x = x + gate1[:, None, :] * _acc(self.attn(h, jvp=True))
+            h = norm_modulate_tangent(x, shift2, scale2, eps=1e-6, out_dtype=self.mlp.fc1.dtype, impl=impl)
+            return x + gate2[:, None, :] * _acc(self.mlp(h))
+        # Undifferentiated and plain reverse-mode calls: the gated residual add, the second norm and
+        # its modulation run as one Pallas pass on a GPU (kernels.residual_norm_modulate, the same
+        # function as the lines above; differentiated calls stay with XLA). The residual itself is
+        # added as before.
+        h = _modulate(self.norm(x), shift1, scale1)
+        y, bias = _matmul_and_bias(self.attn.proj, self.attn.attend(h))
         h = residual_norm_modulate(x, y, bias, gate1, shift2, scale2, eps=1e-6, out_dtype=self.mlp.fc1.dtype)
         x = x + gate1[:, None, :] * _acc(y + bias)
         return x + gate2[:, None, :] * _acc(self.mlp(h))

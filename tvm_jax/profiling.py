@@ -55,6 +55,8 @@ def op_family(kernel: str, hlo_op: str = "", name_stack: str = "") -> str:
         return "MLP bias + GELU (Pallas)"
     if "residual_norm_modulate" in k or "residual_norm_modulate" in n:  # kernels/modulation.py
         return "second pre-norm: residual, RMS norm, modulation (Pallas)"
+    if "norm_modulate_tangent" in k or "norm_modulate_tangent" in n:  # kernels/norm_tangent.py
+        return "pre-norms of the JVP call, backward (Pallas)"
     if "pallas" in n or "pallas" in k or any(tag in k for tags in _ATTENTION_KERNELS.values() for tag in tags):
         for family, tags in _ATTENTION_KERNELS.items():
             if any(tag in k for tag in tags):

@@ -5,6 +5,8 @@ attention, computed on the CPU. Tolerances (relative Frobenius error): bf16 2e-2
 ~3e-3 in interpret mode; the output rounding alone is ~2.5e-3), fp32 1e-4 (IEEE fp32
 matmuls, no TF32).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -280,3 +282,29 @@ def test_native_qkv_tangent_backward(shape, dtype):
     want = _cpu(ref, *args)
     for name, g, r in zip(NAMES, got, want):
         assert_close(name, g, np.asarray(r), TOL[dtype])
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(8, 256, 1152), (3, 333, 96)], ids=_id)
+def test_native_norm_modulate_tangent_backward(shape, out_dtype):
+    """The Pallas backward of a pre-norm's JVP compiled at the model's width (256 tokens of
+    1,152) and a ragged shape, with ``auto`` choosing it on the GPU: all six cotangents against
+    float64 autodiff of the reference on the CPU."""
+    from kernels import norm_modulate_tangent
+    from kernels.norm_tangent import reference, reverse_of_jvp
+    from kernels.tests.test_norm_tangent import NAMES, _inputs
+
+    args, cts = _inputs(23, shape, out_dtype)
+    kernel = lambda x, sh, sc: norm_modulate_tangent(x, sh, sc, out_dtype=out_dtype)  # noqa: E731  (auto)
+    ours = jax.jit(lambda *a: reverse_of_jvp(kernel, *a[:6], a[6:]))
+    assert "tvm_norm_modulate_tangent_bwd" in ours.lower(*args, *cts).as_text()
+    got = ours(*args, *cts)
+
+    def ref(*a):
+        with helpers.x64():
+            a = [jnp.asarray(x, jnp.float64) for x in a]
+            return reverse_of_jvp(functools.partial(reference, eps=1e-6, out_dtype=jnp.float64), *a[:6], a[6:])
+
+    want = _cpu(ref, *args, *cts)
+    for name, g, r in zip(NAMES, got, want):
+        assert_close(name, g, np.asarray(r), 1e-5)

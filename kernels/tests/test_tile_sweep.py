@@ -16,6 +16,10 @@ def test_ulps_best_tiles_and_parsing():
     exact = np.array([1.0, 3.0, 1e-5])
     assert max_ulps(exact + np.array([2 ** -7, 0, 1.0]), exact) == 1.0  # the tiny element is ignored
     assert max_ulps(exact + np.array([2 ** -23, 0, 1.0]), exact, jnp.float32) == 1.0
+    pair = (exact + np.array([2 ** -7, 0, 1.0]), exact + np.array([0, 3 * 2 ** -7, 0]))  # 1 and 1.5 ulps
+    assert max_ulps(pair, (exact, exact)) == 1.5  # tuples: the largest over their arrays
+    with pytest.raises(ValueError, match="same length"):
+        max_ulps(pair, (exact,))
     assert parse_tiles("2,512,1;8,4") == [(2, 512, 1), (8, 4)]
     shapes = [{"pallas": [{"tiles": [1], "ms": 1.0}, {"tiles": [2], "ms": 0.5}]},
               {"pallas": [{"tiles": [1], "ms": 1.0}, {"tiles": [2], "ms": None}]}]
@@ -34,6 +38,7 @@ def test_a_candidate_with_wrong_values_counts_as_failed():
 @pytest.mark.parametrize("script,argv", [
     ("bias_gelu", ["--rows", "32", "--width", "96", "--tiles", "8,32,4;1,64,1"]),
     ("residual_norm_modulate", ["--shapes", "2,8", "--width", "96", "--tiles", "4,4;1,1"]),
+    ("norm_tangent", ["--shapes", "2,8", "--width", "96", "--tiles", "4,4,0;8,2,1"]),
 ])
 def test_sweep_scripts_run_in_the_interpreter(tmp_path, script, argv):
     sys.path.insert(0, ROOT)

@@ -1,6 +1,6 @@
 """Timing and tile sweeps of the memory-bound kernels (``kernels.bias_gelu``,
-``kernels.residual_norm_modulate``), used by ``bench/bias_gelu.py`` and
-``bench/residual_norm_modulate.py``.
+``kernels.residual_norm_modulate``, ``kernels.norm_modulate_tangent``), used by
+``bench/bias_gelu.py``, ``bench/residual_norm_modulate.py`` and ``bench/norm_tangent.py``.
 
 :func:`sweep_tiles` checks every candidate's values before timing it: within one bf16 unit in the
 last place of a float64/float32 reference (elements with |value| > 1e-3; the far tails are tiny
@@ -68,7 +68,11 @@ def time_ms(fn, args, iters: int) -> float:
 def max_ulps(got, exact, dtype=jnp.bfloat16) -> float:
     """The largest |got - exact| in units in the last place of ``dtype`` at exact's magnitude,
     over the elements with |exact| > 1e-3 (the far tails are tiny and their relative error says
-    nothing)."""
+    nothing). ``got`` and ``exact`` may be matching tuples of arrays (the largest over them)."""
+    if isinstance(got, (tuple, list)):
+        if not isinstance(exact, (tuple, list)) or len(got) != len(exact):
+            raise ValueError("max_ulps: got and exact must be arrays or tuples of the same length")
+        return max(max_ulps(g, e, dtype) for g, e in zip(got, exact))
     got, exact = np.asarray(got, np.float64), np.asarray(exact, np.float64)
     keep = np.abs(exact) > 1e-3
     ulp = 2.0 ** (np.floor(np.log2(np.abs(exact[keep]))) - jnp.finfo(dtype).nmant)
