@@ -166,6 +166,9 @@
 #                                      # (TILES=... picks the candidates; the first run used the default shown)
 #   bash bench/gpu_step_session.sh z32 # z30's A/B again with the swept tiles (2, 1, 0): GPU1 the native kernel
 #                                      # tests, the 256px step after / before | GPU0 before, after
+#   bash bench/gpu_step_session.sh z33 # the same with x passed through the op (its backward adds the residual's
+#                                      # cotangent in place), + the GPU step-vs-XLA test's unrolled cases on GPU0
+#   bash bench/gpu_step_session.sh z34 # the 512px step, batch 16, at the same time: GPU0 with z33's kernel | GPU1 main
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -785,6 +788,28 @@ case "${1:-}" in
     wait
     tail -n 3 "$OUT"/pytest_gpu_h200_norm_tangent_tiles.log
     for f in /tmp/log_*norm_tangent_tiles_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32" >&2; exit 2 ;;
+  z33)
+    unpack_base || exit 1
+    log "the JVP call's pre-norms, x passed through so the kernel also adds the residual's cotangent (in place): GPU1 the native kernel tests, the 256px step after / before | GPU0 before, after, then the GPU step-vs-XLA test's unrolled cases"
+    (CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k norm_modulate_tangent \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_norm_tangent_passthrough.log" 2>&1
+     run_tree 1 "$PWD" 170 train_step_h200_norm_tangent_passthrough_gpu1 --variants default
+     run_tree 1 /tmp/base 170 train_step_h200_before_norm_tangent_passthrough_gpu1 --variants default) &
+    run_tree 0 /tmp/base 170 train_step_h200_before_norm_tangent_passthrough_gpu0 --variants default
+    run_tree 0 "$PWD" 170 train_step_h200_norm_tangent_passthrough_gpu0 --variants default
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_norm_tangent_passthrough.log" 2>&1
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_norm_tangent_passthrough.log "$OUT"/pytest_gpu_h200_attention_in_step_norm_tangent_passthrough.log
+    for f in /tmp/log_*norm_tangent_passthrough_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  z34)
+    unpack_base || exit 1
+    log "the 512px step (batch 16) at the same time: GPU0 with the JVP call's pre-norm kernel (x passed through) | GPU1 main"
+    (run_tree 1 /tmp/base 250 train_step_h200_in512_before_norm_tangent --config configs/in512.py --batch_per_device 16 \
+        --variants default) &
+    run_tree 0 "$PWD" 250 train_step_h200_in512_norm_tangent --config configs/in512.py --batch_per_device 16 --variants default
+    wait
+    for f in /tmp/log_train_step_h200_in512_*norm_tangent*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34" >&2; exit 2 ;;
 esac
 log done

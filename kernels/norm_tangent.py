@@ -27,6 +27,16 @@ The math, per row ``x`` (float32, width ``C``), tangent ``tx``, modulation ``s =
 * over the tokens of a sample: ``dshift = sum g``, ``dscale = sum (g n + k tn)``,
   ``dtshift = sum k``, ``dtscale = sum k n``.
 
+With ``passthrough=True`` the op also returns x itself, which the model's residual add then
+uses: the cotangent that reaches that x (the residual stream's, from the layers above) is added to
+the norm's in the same pass, in place, instead of by a separate XLA add over two float32 tensors.
+
+Measured on an H200 (bench/NOTES.md item 34): alone, at (32, 256, 1152), forward and reverse mode
+take 0.156 ms against XLA's 0.204 (``bench/results/norm_tangent_h200.json``); in the 256px
+training step the kernel without the pass-through gained nothing (208.6 / 207.5 ms against main's
+208.6 / 209.1 on the two GPUs of one machine), with it 210.9 / 213.2 against 215.7 / 215.4, and
+the 512px step 457.6 against 469.1 ms.
+
 As for :mod:`kernels.qkv_tangent`, reverse mode needs an enclosing ``jax.jvp`` on the Pallas
 path (JAX cannot transpose the ``custom_vjp`` inside the JVP rule); the model uses this function
 only in its JVP calls (``DiT(..., jvp=True)``), and ``impl="xla"`` is plain XLA everywhere.
@@ -80,8 +90,12 @@ def reverse_of_jvp(fn, x, tx, shift, tshift, scale, tscale, cts):
     return vjp(tuple(cts))
 
 
-def _kernel(x_ref, tx_ref, g_ref, k_ref, sc_ref, tsc_ref, dx_ref, dtx_ref, dsh_ref, dsc_ref, dtsh_ref, dtsc_ref,
-            *, eps: float, width: int, chunk: int, keep: bool):
+def _kernel(*refs, eps: float, width: int, chunk: int, keep: bool, accumulate: bool):
+    if accumulate:  # the cotangents of the pass-through x and tx, added to the norm's (aliased outputs)
+        x_ref, tx_ref, g_ref, k_ref, sc_ref, tsc_ref, ax_ref, atx_ref, *outs = refs
+    else:
+        (x_ref, tx_ref, g_ref, k_ref, sc_ref, tsc_ref, *outs), ax_ref, atx_ref = refs, None, None
+    dx_ref, dtx_ref, dsh_ref, dsc_ref, dtsh_ref, dtsc_ref = outs
     rows = x_ref.shape[0]
 
     def load(j):
@@ -107,8 +121,12 @@ def _kernel(x_ref, tx_ref, g_ref, k_ref, sc_ref, tsc_ref, dx_ref, dtx_ref, dsh_r
     cx = r3 * (a + b - 3.0 * r * r * m * q)
     for j in range(width // chunk):  # pass 2: the cotangents and the column sums
         cols, x, tx, g, k, nb, tnb = kept[j] if keep else load(j)
-        dx_ref[:, cols] = (r * nb - cx * x - (r3 * m) * tnb - (r3 * q) * tx).astype(dx_ref.dtype)
-        dtx_ref[:, cols] = (r * tnb - (r3 * q) * x).astype(dtx_ref.dtype)
+        dx = r * nb - cx * x - (r3 * m) * tnb - (r3 * q) * tx
+        dtx = r * tnb - (r3 * q) * x
+        if accumulate:
+            dx, dtx = dx + ax_ref[:, cols].astype(_F32), dtx + atx_ref[:, cols].astype(_F32)
+        dx_ref[:, cols] = dx.astype(dx_ref.dtype)
+        dtx_ref[:, cols] = dtx.astype(dtx_ref.dtype)
         n = x * r
         tn = tx * r - x * (r3 * m)
         dsh_ref[cols] = jnp.sum(g, axis=0)
@@ -117,9 +135,9 @@ def _kernel(x_ref, tx_ref, g_ref, k_ref, sc_ref, tsc_ref, dx_ref, dtx_ref, dsh_r
         dtsc_ref[cols] = jnp.sum(k * n, axis=0)
 
 
-def _bwd_call(x, tx, g, k, scale, tscale, eps: float, interpret: bool, tiles):
+def _bwd_call(x, tx, g, k, scale, tscale, *acc, eps: float, interpret: bool, tiles):
     """(dx, dtx, and the per-program column sums (B, N / rows, C) of dshift, dscale, dtshift,
-    dtscale)."""
+    dtscale); ``acc``: optional float32 (ax, atx) added to dx and dtx (and their buffers reused)."""
     bsz, n, c = x.shape
     rows, warps, keep = math.gcd(n, tiles[0]), tiles[1], bool(tiles[2])
     tokens = pl.BlockSpec((SQUEEZED, rows, c), lambda i, t: (i, t, 0))
@@ -127,36 +145,47 @@ def _bwd_call(x, tx, g, k, scale, tscale, eps: float, interpret: bool, tiles):
     partial = pl.BlockSpec((SQUEEZED, SQUEEZED, c), lambda i, t: (i, t, 0))
     partial_shape = jax.ShapeDtypeStruct((bsz, n // rows, c), _F32)
     return pl.pallas_call(
-        functools.partial(_kernel, eps=eps, width=c, chunk=math.gcd(c, _CHUNK), keep=keep),
+        functools.partial(_kernel, eps=eps, width=c, chunk=math.gcd(c, _CHUNK), keep=keep, accumulate=bool(acc)),
         grid=(bsz, n // rows),
-        in_specs=[tokens] * 4 + [per_sample] * 2,
+        in_specs=[tokens] * 4 + [per_sample] * 2 + [tokens] * len(acc),
+        input_output_aliases={6: 0, 7: 1} if acc else {},
         out_specs=[tokens, tokens] + [partial] * 4,
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(tx.shape, tx.dtype)]
         + [partial_shape] * 4,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="tvm_norm_modulate_tangent_bwd",
-    )(x, tx, g, k, scale, tscale)
+    )(x, tx, g, k, scale, tscale, *acc)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _pair(x, tx, shift, tshift, scale, tscale, eps, out_dtype, interpret, tiles):
-    return _xla_pair(x, tx, shift, tshift, scale, tscale, eps, out_dtype)
+def _pair_out(x, tx, shift, tshift, scale, tscale, eps, out_dtype, passthrough):
+    h, th = _xla_pair(x, tx, shift, tshift, scale, tscale, eps, out_dtype)
+    return ((x, h), (tx, th)) if passthrough else (h, th)
 
 
-def _pair_fwd(x, tx, shift, tshift, scale, tscale, eps, out_dtype, interpret, tiles):
-    out = _xla_pair(x, tx, shift, tshift, scale, tscale, eps, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _pair(x, tx, shift, tshift, scale, tscale, eps, out_dtype, interpret, tiles, passthrough):
+    return _pair_out(x, tx, shift, tshift, scale, tscale, eps, out_dtype, passthrough)
+
+
+def _pair_fwd(x, tx, shift, tshift, scale, tscale, eps, out_dtype, interpret, tiles, passthrough):
+    out = _pair_out(x, tx, shift, tshift, scale, tscale, eps, out_dtype, passthrough)
     return out, (x, tx, scale, tscale)
 
 
-def _pair_bwd(eps, out_dtype, interpret, tiles, res, cts):
+def _pair_bwd(eps, out_dtype, interpret, tiles, passthrough, res, cts):
     x, tx, scale, tscale = res
-    g, k = (c.astype(out_dtype) for c in cts)
+    if passthrough:
+        (ax, g), (atx, k) = cts
+        acc = (ax.astype(x.dtype), atx.astype(tx.dtype))
+    else:
+        (g, k), acc = cts, ()
+    g, k = g.astype(out_dtype), k.astype(out_dtype)
 
-    def run(x, tx, g, k, scale, tscale):
-        return _bwd_call(x, tx, g, k, scale, tscale, eps, interpret, tiles)
+    def run(x, tx, g, k, scale, tscale, *acc):
+        return _bwd_call(x, tx, g, k, scale, tscale, *acc, eps=eps, interpret=interpret, tiles=tiles)
 
-    dx, dtx, *partials = batch_sharded(run, (x, tx, g, k, scale, tscale), 6)
+    dx, dtx, *partials = batch_sharded(run, (x, tx, g, k, scale, tscale) + acc, 6)
     dshift, dscale, dtshift, dtscale = (jnp.sum(p, axis=1) for p in partials)
     return dx, dtx, dshift, dtshift, dscale, dtscale
 
@@ -164,16 +193,17 @@ def _pair_bwd(eps, out_dtype, interpret, tiles, res, cts):
 _pair.defvjp(_pair_fwd, _pair_bwd)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
-def _norm_modulate(x, shift, scale, eps, out_dtype, interpret, tiles):
-    return reference(x, shift, scale, eps=eps, out_dtype=out_dtype)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _norm_modulate(x, shift, scale, eps, out_dtype, interpret, tiles, passthrough):
+    h = reference(x, shift, scale, eps=eps, out_dtype=out_dtype)
+    return (x, h) if passthrough else h
 
 
-def _norm_modulate_jvp(eps, out_dtype, interpret, tiles, primals, tangents):
+def _norm_modulate_jvp(eps, out_dtype, interpret, tiles, passthrough, primals, tangents):
     dense = tuple(jnp.zeros_like(p) if isinstance(t, SymbolicZero) else t for p, t in zip(primals, tangents))
     x, shift, scale = primals
     tx, tshift, tscale = dense
-    return _pair(x, tx, shift, tshift, scale, tscale, eps, out_dtype, interpret, tiles)
+    return _pair(x, tx, shift, tshift, scale, tscale, eps, out_dtype, interpret, tiles, passthrough)
 
 
 _norm_modulate.defjvp(_norm_modulate_jvp, symbolic_zeros=True)
@@ -194,7 +224,7 @@ def kernel_applies(x, shift, scale, out_dtype) -> bool:
 
 
 def norm_modulate_tangent(x, shift, scale, *, eps: float = 1e-6, out_dtype=None, impl: str = "auto",
-                          interpret: bool | None = None, tiles=None):
+                          interpret: bool | None = None, tiles=None, passthrough: bool = False):
     """:func:`reference` (shapes there; ``out_dtype`` defaults to x's dtype) for a call that
     ``jax.jvp`` differentiates and reverse mode then differentiates again: the TVM student's JVP
     call.
@@ -203,7 +233,9 @@ def norm_modulate_tangent(x, shift, scale, *, eps: float = 1e-6, out_dtype=None,
     ``"auto"`` (the kernel on a GPU where :func:`kernel_applies`, else XLA). On the Pallas path
     forward mode and the reverse mode of a forward-mode call work; plain reverse mode does not
     (use ``impl="xla"`` there). interpret: the Pallas interpreter (default: on the CPU). tiles:
-    (rows, warps, keep) per program (default :data:`TILES`)."""
+    (rows, warps, keep) per program (default :data:`TILES`). passthrough: return ``(x, h)``, the
+    same x, for the caller's residual add: on the Pallas path the backward then adds x's other
+    cotangent to the norm's in the same pass (in place), instead of a separate add."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     x, shift, scale = (jnp.asarray(a) for a in (x, shift, scale))
@@ -223,11 +255,14 @@ def norm_modulate_tangent(x, shift, scale, *, eps: float = 1e-6, out_dtype=None,
     applies = kernel_applies(x, shift, scale, out_dtype)
     if impl == "auto":
         impl = "pallas" if (_api._on_gpu() and applies) else "xla"
+    if not isinstance(passthrough, bool):
+        raise ValueError(f"passthrough must be a bool, got {passthrough!r}")
     if impl == "xla":
-        return reference(x, shift, scale, eps=eps, out_dtype=out_dtype)
+        h = reference(x, shift, scale, eps=eps, out_dtype=out_dtype)
+        return (x, h) if passthrough else h
     if not applies:
         raise ValueError("impl='pallas' takes a non-empty float32 x (batch, tokens, width) with float32 shift and "
                          f"scale, a width with a power-of-two factor of at least 16 and a bf16/f16/f32 output; got "
                          f"x {x.dtype} {x.shape}, shift {shift.dtype}, scale {scale.dtype}, out_dtype {out_dtype}")
     tiles = _resolve_tiles(tiles)
-    return _norm_modulate(x, shift, scale, eps, out_dtype, _api._resolve_interpret(interpret), tiles)
+    return _norm_modulate(x, shift, scale, eps, out_dtype, _api._resolve_interpret(interpret), tiles, passthrough)

@@ -3,7 +3,8 @@
 A ``pallas_call`` is an opaque custom call that XLA's SPMD partitioner would replicate, so every
 kernel of this package runs under ``jax.shard_map`` on per-device batch shards instead
 (:func:`batch_sharded`). Shared by the attention entry points (:mod:`kernels.api`) and the
-memory-pass kernels (:mod:`kernels.gelu`, :mod:`kernels.modulation`, :mod:`kernels.qkv_tangent`).
+memory-pass kernels (:mod:`kernels.gelu`, :mod:`kernels.modulation`, :mod:`kernels.qkv_tangent`,
+:mod:`kernels.norm_tangent`).
 """
 from __future__ import annotations
 

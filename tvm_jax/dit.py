@@ -365,10 +365,11 @@ class DiTBlock(nnx.Module):
             # The JVP call: both pre-norms and their modulation through kernels.norm_modulate_tangent
             # (XLA's forward; the reverse mode of the pair is one Pallas pass on a GPU). An XLA
             # attention model stays XLA throughout (the reference of the GPU step check).
-            impl = "xla" if self.attn.impl == "xla" else "auto"
-            h = norm_modulate_tangent(x, shift1, scale1, eps=1e-6, out_dtype=self.attn.qkv.dtype, impl=impl)
+            # x passes through the op, so its backward also adds the residual's cotangent, in place.
+            kw = dict(eps=1e-6, impl="xla" if self.attn.impl == "xla" else "auto", passthrough=True)
+            x, h = norm_modulate_tangent(x, shift1, scale1, out_dtype=self.attn.qkv.dtype, **kw)
             x = x + gate1[:, None, :] * _acc(self.attn(h, jvp=True))
-            h = norm_modulate_tangent(x, shift2, scale2, eps=1e-6, out_dtype=self.mlp.fc1.dtype, impl=impl)
+            x, h = norm_modulate_tangent(x, shift2, scale2, out_dtype=self.mlp.fc1.dtype, **kw)
             return x + gate2[:, None, :] * _acc(self.mlp(h))
         # Undifferentiated and plain reverse-mode calls: the gated residual add, the second norm and
         # its modulation run as one Pallas pass on a GPU (kernels.residual_norm_modulate, the same

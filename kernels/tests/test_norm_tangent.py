@@ -86,6 +86,37 @@ def test_a_jvp_that_leaves_x_still_and_the_tvm_pattern():
         assert_close(name, a, np.asarray(r, np.float64), 1e-5)
 
 
+def _residual_block_grad(impl):
+    """Gradient in (x, tx, shift, scale) of a loss of the JVP of ``x + tanh(h) / 2``, h the
+    pre-norm's output, x passed through the op (``impl``; None: the reference, no pass-through)."""
+    def block(x, shift, scale):
+        if impl is None:
+            return x + 0.5 * jnp.tanh(reference(x, shift, scale, eps=EPS, out_dtype=x.dtype))
+        x2, h = norm_modulate_tangent(x, shift, scale, eps=EPS, impl=impl, interpret=True, passthrough=True)
+        return x2 + 0.5 * jnp.tanh(h)
+
+    def loss(x, tx, shift, tshift, scale, tscale, cts):
+        y, ty = jax.jvp(block, (x, shift, scale), (tx, tshift, tscale))
+        return jnp.sum(y * cts[0]) + jnp.sum(ty * cts[1])
+
+    return jax.grad(loss, argnums=(0, 1, 2, 4))
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_passthrough_adds_the_residual_cotangent(impl):
+    """``passthrough=True`` returns x itself beside h; the residual's cotangent that reaches that
+    x is added to the norm's by the kernel (in place): grad of a residual block's JVP loss equals
+    the XLA function's."""
+    (x, tx, shift, tshift, scale, tscale), cts = _inputs(6, (2, 32, 64), jnp.float32)
+    grad = _residual_block_grad(impl)
+    assert _kernel_in(grad, x, tx, shift, tshift, scale, tscale, cts) == (impl == "pallas")
+    for name, a, r in zip(("dx", "dtx", "dshift", "dscale"), jax.jit(grad)(x, tx, shift, tshift, scale, tscale, cts),
+                          jax.jit(_residual_block_grad(None))(x, tx, shift, tshift, scale, tscale, cts)):
+        assert_close(name, a, np.asarray(r, np.float64), 1e-5)
+    x2, _ = norm_modulate_tangent(x, shift, scale, impl=impl, interpret=True, passthrough=True)
+    np.testing.assert_array_equal(x2, x)
+
+
 def test_xla_and_auto_on_the_cpu_are_the_plain_function_and_bad_input_is_refused():
     """``impl="xla"`` (and ``auto`` off a GPU) is the reference, differentiable in every mode;
     inputs the kernel cannot take raise with the reason under ``impl="pallas"``."""
@@ -106,6 +137,8 @@ def test_xla_and_auto_on_the_cpu_are_the_plain_function_and_bad_input_is_refused
         norm_modulate_tangent(x[..., :24], shift[:, :24], scale[:, :24], impl="pallas")  # width 24: chunks of 8
     with pytest.raises(ValueError, match="float32 x"):
         norm_modulate_tangent(x.astype(jnp.bfloat16), shift, scale, impl="pallas")
+    with pytest.raises(ValueError, match="passthrough must be a bool"):
+        norm_modulate_tangent(x, shift, scale, passthrough="yes")
     for tiles in ((24, 4, 0), (4, 2, 2), (4, 2)):
         with pytest.raises(ValueError, match="tiles must be"):
             norm_modulate_tangent(x, shift, scale, impl="pallas", tiles=tiles)
@@ -116,15 +149,19 @@ def test_xla_and_auto_on_the_cpu_are_the_plain_function_and_bad_input_is_refused
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_sharded_over_the_batch(axis_type):
     """Under a mesh the kernel runs on batch shards (the column sums are per sample, so nothing
-    crosses devices): the same cotangents as on one device."""
+    crosses devices), with and without the pass-through: the same cotangents as on one device."""
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
     args, cts = _inputs(9, (4, 16, 32), jnp.bfloat16)
-    fn = jax.jit(functools.partial(reverse_of_jvp, _ours(jnp.bfloat16)))
-    want = fn(*args, cts)
+    fns = (jax.jit(functools.partial(reverse_of_jvp, _ours(jnp.bfloat16))), jax.jit(_residual_block_grad("pallas")))
+    cts32 = tuple(c.astype(jnp.float32) for c in cts)
+    wants = (fns[0](*args, cts), fns[1](*args, cts32))
     mesh = jax.make_mesh((4,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
     with jax.set_mesh(mesh):
         put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
-        got = fn(*(put(a) for a in args), tuple(put(c) for c in cts))
-    for name, g, r in zip(NAMES, got, want):
-        assert rel_err(g, np.asarray(r)) <= 1e-6, name
+        gots = (fns[0](*(put(a) for a in args), tuple(put(c) for c in cts)),
+                fns[1](*(put(a) for a in args), tuple(put(c) for c in cts32)))  # the pass-through, in place
+    for names, got, want in zip((NAMES, ("dx", "dtx", "dshift", "dscale")), gots, wants):
+        assert len(got) == len(names)
+        for name, g, r in zip(names, got, want):
+            assert rel_err(g, np.asarray(r)) <= 1e-6, name
