@@ -159,6 +159,8 @@
 #                                      # micro-batch): GPU0 with the flag | GPU1 without it
 #   bash bench/gpu_step_session.sh z29 # profiles with command buffers on (device time against wall time):
 #                                      # GPU0 the 256px step | GPU1 sampling
+#   (z30-z32 ran kernels.norm_modulate_tangent before its pass-through of x, z30 and the first z31 also with
+#    its first kernel: row sums reduced chunk by chunk, tiles (32, 4); run now, they run the current code)
 #   bash bench/gpu_step_session.sh z30 # the JVP call's pre-norms with a Pallas backward: GPU1 the native kernel
 #                                      # tests, bench/norm_tangent.py's sweep, the 256px step after / before |
 #                                      # GPU0 before, after (+ HLO), the GPU step-vs-XLA test's unrolled cases
