@@ -210,6 +210,23 @@ ab_step() {  # ab_step NAME: the 256px step of this tree against /tmp/base, alte
   wait
   for f in /tmp/log_*"${name}"*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done
 }
+ab_norm_tangent() {  # ab_norm_tangent NAME TIMEOUT [step_test]: the native tests of kernels.norm_modulate_tangent and
+                     # the 256px step against /tmp/base on both GPUs in opposite orders (+ the GPU step-vs-XLA test)
+  local name=$1 t=$2
+  (CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k norm_modulate_tangent \
+      -p no:cacheprovider > "$OUT/pytest_gpu_h200_norm_tangent_${name}.log" 2>&1
+   run_tree 1 "$PWD" "$t" "train_step_h200_norm_tangent_${name}_gpu1" --variants default
+   run_tree 1 /tmp/base "$t" "train_step_h200_before_norm_tangent_${name}_gpu1" --variants default) &
+  run_tree 0 /tmp/base "$t" "train_step_h200_before_norm_tangent_${name}_gpu0" --variants default
+  run_tree 0 "$PWD" "$t" "train_step_h200_norm_tangent_${name}_gpu0" --variants default
+  if [ "${3:-}" = step_test ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_norm_tangent_${name}.log" 2>&1
+  fi
+  wait
+  tail -n 3 "$OUT"/pytest_gpu_h200_*norm_tangent_"${name}".log
+  for f in /tmp/log_*norm_tangent_"${name}"_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done
+}
 case "${1:-}" in
   h)
     log "GPU0 256px before/after, attribution profile, GPU test, sampling HLO | GPU1 512px before/after"
@@ -780,30 +797,12 @@ case "${1:-}" in
     cut -c1-300 /tmp/log_norm_tangent_sweep.txt ;;
   z32)
     unpack_base || exit 1
-    log "the JVP call's pre-norms with the swept tiles (2 rows, 1 warp, rows read twice): GPU1 the native kernel tests, the 256px step after / before | GPU0 before, after (+ HLO)"
-    (CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k norm_modulate_tangent \
-        -p no:cacheprovider > "$OUT/pytest_gpu_h200_norm_tangent_tiles.log" 2>&1
-     run_tree 1 "$PWD" 180 train_step_h200_norm_tangent_tiles_gpu1 --variants default
-     run_tree 1 /tmp/base 180 train_step_h200_before_norm_tangent_tiles_gpu1 --variants default) &
-    run_tree 0 /tmp/base 180 train_step_h200_before_norm_tangent_tiles_gpu0 --variants default
-    run_tree 0 "$PWD" 180 train_step_h200_norm_tangent_tiles_gpu0 --variants default
-    wait
-    tail -n 3 "$OUT"/pytest_gpu_h200_norm_tangent_tiles.log
-    for f in /tmp/log_*norm_tangent_tiles_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+    log "the JVP call's pre-norms with the swept tiles (2 rows, 1 warp, rows read twice): GPU1 the native kernel tests, the 256px step after / before | GPU0 before, after"
+    ab_norm_tangent tiles 180 ;;
   z33)
     unpack_base || exit 1
     log "the JVP call's pre-norms, x passed through so the kernel also adds the residual's cotangent (in place): GPU1 the native kernel tests, the 256px step after / before | GPU0 before, after, then the GPU step-vs-XLA test's unrolled cases"
-    (CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k norm_modulate_tangent \
-        -p no:cacheprovider > "$OUT/pytest_gpu_h200_norm_tangent_passthrough.log" 2>&1
-     run_tree 1 "$PWD" 170 train_step_h200_norm_tangent_passthrough_gpu1 --variants default
-     run_tree 1 /tmp/base 170 train_step_h200_before_norm_tangent_passthrough_gpu1 --variants default) &
-    run_tree 0 /tmp/base 170 train_step_h200_before_norm_tangent_passthrough_gpu0 --variants default
-    run_tree 0 "$PWD" 170 train_step_h200_norm_tangent_passthrough_gpu0 --variants default
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll \
-        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_norm_tangent_passthrough.log" 2>&1
-    wait
-    tail -n 3 "$OUT"/pytest_gpu_h200_norm_tangent_passthrough.log "$OUT"/pytest_gpu_h200_attention_in_step_norm_tangent_passthrough.log
-    for f in /tmp/log_*norm_tangent_passthrough_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+    ab_norm_tangent passthrough 170 step_test ;;
   z34)
     unpack_base || exit 1
     log "the 512px step (batch 16) at the same time: GPU0 with the JVP call's pre-norm kernel (x passed through) | GPU1 main"

@@ -102,6 +102,21 @@ def _resolve_tiles(tiles, default: tuple, what: str) -> tuple:
     return tiles
 
 
+def _resolve_eps(eps) -> float:
+    """The memory-pass kernels' ``eps``: a static Python number (it is baked into the kernel)."""
+    try:
+        return float(eps)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError("eps must be a static Python number (not a traced array)") from e
+
+
+def _check_per_sample(batch: int, width: int, **arrays) -> None:
+    """Those kernels' per-sample vectors (adaLN gate, shift, scale) must be (batch, width)."""
+    for name, a in arrays.items():
+        if a.shape != (batch, width):
+            raise ValueError(f"{name} must have shape (batch, width) = {(batch, width)}, got {a.shape}")
+
+
 def _resolve_interpret(interpret) -> bool:
     if interpret is None:
         return jax.default_backend() == "cpu"

@@ -118,15 +118,10 @@ def residual_norm_modulate(x, y, bias, gate, shift, scale, *, eps: float = 1e-6,
     b, _, c = x.shape
     if bias.shape != (c,):
         raise ValueError(f"bias must have shape ({c},), got {bias.shape}")
-    for name, a in (("gate", gate), ("shift", shift), ("scale", scale)):
-        if a.shape != (b, c):
-            raise ValueError(f"{name} must have shape (batch, width) = {(b, c)}, got {a.shape}")
+    _api._check_per_sample(b, c, gate=gate, shift=shift, scale=scale)
     if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in (x, y, bias, gate, shift, scale)):
         raise ValueError("every input must be a floating-point array")
-    try:
-        eps = float(eps)
-    except (TypeError, jax.errors.ConcretizationTypeError) as e:
-        raise ValueError("eps must be a static Python number (not a traced array)") from e
+    eps = _api._resolve_eps(eps)
     out_dtype = jnp.dtype(y.dtype if out_dtype is None else out_dtype)
     kernel_ok = x.dtype == jnp.float32 and any(y.dtype == d for d in _KERNEL_DTYPES) and x.size > 0
     if impl == "auto":

@@ -242,15 +242,10 @@ def norm_modulate_tangent(x, shift, scale, *, eps: float = 1e-6, out_dtype=None,
     if x.ndim != 3:
         raise ValueError(f"x must be (batch, tokens, width), got shape {x.shape}")
     b, _, c = x.shape
-    for name, a in (("shift", shift), ("scale", scale)):
-        if a.shape != (b, c):
-            raise ValueError(f"{name} must have shape (batch, width) = {(b, c)}, got {a.shape}")
+    _api._check_per_sample(b, c, shift=shift, scale=scale)
     if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in (x, shift, scale)):
         raise ValueError("x, shift and scale must be floating-point arrays")
-    try:
-        eps = float(eps)
-    except (TypeError, jax.errors.ConcretizationTypeError) as e:
-        raise ValueError("eps must be a static Python number (not a traced array)") from e
+    eps = _api._resolve_eps(eps)
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     applies = kernel_applies(x, shift, scale, out_dtype)
     if impl == "auto":
