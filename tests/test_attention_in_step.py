@@ -73,18 +73,21 @@ def test_pallas_step_matches_xla_on_cpu():
     _compare("pallas", 1e-4, hidden=32, heads=2, depth=1, size=8)  # head dim 16, 16 tokens (interpreter)
 
 
-def test_pallas_step_with_the_memory_pass_kernels_matches_xla_on_cpu(monkeypatch):
+@pytest.mark.parametrize("remat,layer_loop", [("none", "scan"), ("block", "unroll")])
+def test_pallas_step_with_the_memory_pass_kernels_matches_xla_on_cpu(monkeypatch, remat, layer_loop):
     """``auto`` standing as on a GPU (kernels in the interpreter): the JVP call's pre-norms run
     kernels.norm_modulate_tangent, whose Pallas backward the gradient uses, and the other calls
-    the MLP and second-norm kernels; the loss and gradients are still the XLA step's."""
+    the MLP and second-norm kernels; the loss and gradients are still the XLA step's, in a layer
+    scan and under rematerialisation."""
     import kernels.api
 
     monkeypatch.setattr(kernels.api, "_on_gpu", lambda: True)
-    fn, params = _loss_grad_fn(_config("pallas", hidden=32, heads=2, depth=1, size=8), batch=4)
+    shape = dict(hidden=32, heads=2, depth=2, size=8)
+    fn, params = _loss_grad_fn(_config("pallas", remat=remat, layer_loop=layer_loop, **shape), batch=4)
     text = str(jax.make_jaxpr(fn)(params))
     for name in ("tvm_norm_modulate_tangent_bwd", "tvm_bias_gelu", "tvm_residual_norm_modulate"):
         assert name in text, name
-    _compare("pallas", 1e-4, hidden=32, heads=2, depth=1, size=8)
+    _compare("pallas", 1e-4, remat=remat, layer_loop=layer_loop, **shape)
 
 
 @pytest.mark.gpu

@@ -373,8 +373,8 @@ class DiTBlock(nnx.Module):
             return x + gate2[:, None, :] * _acc(self.mlp(h))
         # Undifferentiated and plain reverse-mode calls: the gated residual add, the second norm and
         # its modulation run as one Pallas pass on a GPU (kernels.residual_norm_modulate, the same
-        # function as the lines above; differentiated calls stay with XLA). The residual itself is
-        # added as before.
+        # function as the layer-norm path's lines above; differentiated calls stay with XLA). The
+        # residual itself is added as before.
         h = _modulate(self.norm(x), shift1, scale1)
         y, bias = _matmul_and_bias(self.attn.proj, self.attn.attend(h))
         h = residual_norm_modulate(x, y, bias, gate1, shift2, scale2, eps=1e-6, out_dtype=self.mlp.fc1.dtype)
