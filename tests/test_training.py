@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernels.api as kernels_api
 from hlo_text import layer_concatenates
 from tvm_jax import sharding as shd
 from tvm_jax.config import load_config_file, objective_config, train_step_config
@@ -164,13 +165,15 @@ def test_sharded_step_equals_single_device_step(fsdp, kernels, monkeypatch):
     """A DiT step over a (data, fsdp) mesh of 4 CPU devices equals the 1-device step. With
     ``kernels`` the model runs the Pallas kernels (interpreted) as on a GPU, layers unrolled as
     the recipes run them, at 16 tokens of head dim 16, where every kernel of the JVP call applies
-    (the qkv prologue's backward included): each runs on its device's batch shard."""
+    (the qkv prologue's backward and the pre-norms' backward with its in-place pass-through
+    included) and ``auto`` picks the memory-pass kernels: each runs on its device's batch shard."""
     assert len(jax.devices()) >= 4, "conftest.py provides 4 CPU devices"
     monkeypatch.setattr(shd, "MIN_SHARD_SIZE", 1024)  # so that the tiny test DiT gets sharded
     c = _dit_config()
     c.mesh.fsdp = fsdp
     if kernels:
         c.model.attention_impl, c.model.patch_size, c.model.layer_loop = "pallas", 2, "unroll"
+        monkeypatch.setattr(kernels_api, "_on_gpu", lambda: True)  # auto: the memory-pass kernels too
     batch = _batch(c, 8, 5)
 
     def run(mesh):
@@ -182,7 +185,9 @@ def test_sharded_step_equals_single_device_step(fsdp, kernels, monkeypatch):
             jstep = jax.jit(step, in_shardings=(state_sh, shd.batch_sharding(mesh)), out_shardings=(state_sh, None))
             if kernels:
                 traced = str(jax.make_jaxpr(step)(state, shd.global_batch(batch, mesh)))
-                assert "tvm_flash_jvp_fwd" in traced and "tvm_qkv_tangent_bwd" in traced
+                for name in ("tvm_flash_jvp_fwd", "tvm_qkv_tangent_bwd", "tvm_norm_modulate_tangent_bwd",
+                             "tvm_bias_gelu", "tvm_residual_norm_modulate"):
+                    assert name in traced, name
             for _ in range(2):
                 state, metrics = jstep(state, shd.global_batch(batch, mesh))
             return state, metrics
