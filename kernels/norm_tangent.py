@@ -12,9 +12,9 @@ its tangent (bench/NOTES.md items 25 and 33).
 :func:`norm_modulate_tangent` keeps the forward (XLA's ``jax.jvp`` of :func:`reference`: the same
 numbers as before) and gives its reverse mode one Pallas pass: each program reads a block of rows
 of x, its tangent and the cotangents of both outputs twice (the row statistics first, then the
-cotangents; the second read mostly hits L2), writes the cotangents of x and of its tangent, and
-writes per-program column sums for the modulation's four cotangents (summed over the programs by
-XLA: a few MB).
+cotangents; the second read is of rows just read), writes the cotangents of x and of its tangent,
+and writes per-program column sums for the modulation's four cotangents, which XLA sums over the
+programs (with the default of two rows per program they are each half the size of x).
 
 The math, per row ``x`` (float32, width ``C``), tangent ``tx``, modulation ``s = 1 + scale``,
 ``ts`` the scale's tangent: ``r = rsqrt(sum(x^2)/C + eps)``, ``m = sum(x tx)/C``, ``n = x r``,
