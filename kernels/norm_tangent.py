@@ -75,7 +75,7 @@ def reference(x, shift, scale, *, eps: float, out_dtype):
 
 
 def _xla_pair(x, tx, shift, tshift, scale, tscale, eps, out_dtype):
-    """((h,), (th,)) as tuples: XLA's JVP of :func:`reference`."""
+    """(h, th): XLA's JVP of :func:`reference`."""
     return jax.jvp(functools.partial(reference, eps=eps, out_dtype=out_dtype), (x, shift, scale), (tx, tshift, tscale))
 
 
@@ -210,10 +210,12 @@ _norm_modulate.defjvp(_norm_modulate_jvp, symbolic_zeros=True)
 
 
 def _resolve_tiles(tiles) -> tuple:
+    """(rows, warps, keep): the memory-pass kernels' power-of-two check for the first two, and
+    keep 0 or 1."""
     tiles = TILES if tiles is None else tuple(int(t) for t in tiles)
-    if len(tiles) != 3 or any(t < 1 or t & (t - 1) for t in tiles[:2]) or tiles[2] not in (0, 1):
-        raise ValueError(f"tiles must be (rows, warps, keep): two powers of two and 0 or 1, got {tiles}")
-    return tiles
+    if len(tiles) != 3 or tiles[2] not in (0, 1):
+        raise ValueError(f"tiles must be (rows, warps, keep) with keep 0 or 1, got {tiles}")
+    return _api._resolve_tiles(tiles[:2], TILES[:2], "(rows, warps)") + tiles[2:]
 
 
 def kernel_applies(x, shift, scale, out_dtype) -> bool:
@@ -246,12 +248,12 @@ def norm_modulate_tangent(x, shift, scale, *, eps: float = 1e-6, out_dtype=None,
     if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in (x, shift, scale)):
         raise ValueError("x, shift and scale must be floating-point arrays")
     eps = _api._resolve_eps(eps)
+    if not isinstance(passthrough, bool):
+        raise ValueError(f"passthrough must be a bool, got {passthrough!r}")
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     applies = kernel_applies(x, shift, scale, out_dtype)
     if impl == "auto":
         impl = "pallas" if (_api._on_gpu() and applies) else "xla"
-    if not isinstance(passthrough, bool):
-        raise ValueError(f"passthrough must be a bool, got {passthrough!r}")
     if impl == "xla":
         h = reference(x, shift, scale, eps=eps, out_dtype=out_dtype)
         return (x, h) if passthrough else h
