@@ -171,6 +171,17 @@
 #   bash bench/gpu_step_session.sh z33 # the same with x passed through the op (its backward adds the residual's
 #                                      # cotangent in place), + the GPU step-vs-XLA test's unrolled cases on GPU0
 #   bash bench/gpu_step_session.sh z34 # the 512px step, batch 16, at the same time: GPU0 with z33's kernel | GPU1 main
+#   bash bench/gpu_step_session.sh z35 # XLA's dot-merger threshold: GPU0 bench/jvp_matmul_pairs.py (primal and tangent
+#                                      # matmuls as pairs or one stacked call), the 256px step at 1024 MB (+ HLO)
+#                                      # | GPU1 the step without flags, then at 1024 MB
+#   bash bench/gpu_step_session.sh z36 # the flow-matching call's pre-norms with a Pallas backward: GPU0 native tests,
+#                                      # tile sweep (best patched in), the 256px step after / before | GPU1
+#                                      # before / after, then the GPU step-vs-XLA test's unrolled cases
+#                                      # (the code is on branch fm-norm-grad: measured, not kept)
+#   bash bench/gpu_step_session.sh z37 # the headline command (configs/in256.py, 6 steps) on both GPUs, data parallel
+#   bash bench/gpu_step_session.sh z38 # the native kernel suite (pytest -m gpu kernels), split over the two GPUs
+#   bash bench/gpu_step_session.sh z39 # the headline command on one GPU each at the same time: GPU0 this tree | GPU1
+#                                      # .baseline/base.tgz (main before item 34's kernel)
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -811,6 +822,56 @@ case "${1:-}" in
     run_tree 0 "$PWD" 250 train_step_h200_in512_norm_tangent --config configs/in512.py --batch_per_device 16 --variants default
     wait
     for f in /tmp/log_train_step_h200_in512_*norm_tangent*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34" >&2; exit 2 ;;
+  z35)
+    log "XLA's dot merger (it joins the JVP call's primal and tangent matmuls only below 32 MB): GPU0 bench/jvp_matmul_pairs.py, then the 256px step with --xla_gpu_dot_merger_threshold_mb=1024 | GPU1 the step without flags, then with 1024"
+    (run_flags 1 "" 200 train_step_h200_dot_merger_default_gpu1
+     run_flags 1 --xla_gpu_dot_merger_threshold_mb=1024 200 train_step_h200_dot_merger_1024_gpu1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/jvp_matmul_pairs.py --out "$OUT/jvp_matmul_pairs_h200.json" \
+        > "$OUT/jvp_matmul_pairs_h200.log" 2>&1
+    run_flags 0 --xla_gpu_dot_merger_threshold_mb=1024 200 train_step_h200_dot_merger_1024_gpu0 --hlo_dir /tmp/hlo
+    tar -C /tmp -czf "$OUT/hlo_h200_in256_dot_merger_1024.tgz" hlo 2>/dev/null
+    wait
+    tail -n 14 "$OUT/jvp_matmul_pairs_h200.log"
+    for f in /tmp/log_train_step_h200_dot_merger_*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  z36)
+    unpack_base || exit 1
+    rm -f /tmp/ab_tiles_ready
+    log "the flow-matching call's pre-norms with a Pallas backward (kernels.norm_modulate, residual_norm_modulate(passthrough=True)): GPU0 native tests, tile sweep (best patched into this copy), then the 256px step after / before | GPU1 before / after, then the GPU step-vs-XLA test's unrolled cases"
+    (run_tree 1 /tmp/base 175 train_step_h200_before_norm_grad_gpu1 --variants default
+     while [ ! -f /tmp/ab_tiles_ready ]; do sleep 2; done
+     run_tree 1 "$PWD" 175 train_step_h200_norm_grad_gpu1 --variants default
+     CUDA_VISIBLE_DEVICES=1 timeout 130 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_norm_grad.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 60 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k "norm_modulate_backward" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_norm_grad.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 100 python3 bench/norm_grad.py --out "$OUT/norm_grad_h200.json" > "$OUT/norm_grad_h200.log" 2>&1
+    best=$(python3 -c "import json; print(','.join(map(str, json.load(open('$OUT/norm_grad_h200.json'))['best_tiles'])))") \
+        && sed -i "s/^TILES = .*/TILES = ($best)/" kernels/norm_grad.py
+    grep -n "^TILES" kernels/norm_grad.py | tee "$OUT/ab_tiles_norm_grad.txt"; touch /tmp/ab_tiles_ready
+    run_tree 0 "$PWD" 175 train_step_h200_norm_grad_gpu0 --variants default
+    run_tree 0 /tmp/base 175 train_step_h200_before_norm_grad_gpu0 --variants default
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_*norm_grad.log; tail -n 22 "$OUT/norm_grad_h200.log"
+    for f in /tmp/log_*norm_grad_gpu*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  z37)
+    log "the headline command (configs/in256.py, 6 steps, micro-batch chosen automatically) on both GPUs, data parallel, with the JVP call's pre-norm kernel (item 34)"
+    run_recipe 0,1 440 recipe_in256_h200x2_norm_tangent configs/in256.py 6
+    tail -n 4 /tmp/log_recipe_in256_h200x2_norm_tangent.txt | cut -c1-600 ;;
+  z38)
+    log "native kernel suite: GPU0 plain, cuDNN, auto, bias_gelu, residual_norm_modulate | GPU1 tangent (norm_modulate_tangent too), grad of jvp, qkv"
+    (CUDA_VISIBLE_DEVICES=1 timeout 420 python3 -m pytest -q -rs -m gpu kernels -k "tangent or grad_of_jvp or qkv" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_kernels_gpu1.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 420 python3 -m pytest -q -rs -m gpu kernels -k "not (tangent or grad_of_jvp or qkv)" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_kernels_gpu0.log" 2>&1
+    wait
+    tail -n 4 "$OUT/pytest_gpu_h200_kernels_gpu0.log" "$OUT/pytest_gpu_h200_kernels_gpu1.log" ;;
+  z39)
+    unpack_base || exit 1
+    log "the headline command on one GPU each, at the same time: GPU0 this tree (with the JVP call's pre-norm kernel, item 34) | GPU1 .baseline/base.tgz (main before it, 79d1f74)"
+    (cd /tmp/base && PYTHONPATH=/tmp/base:/tmp/site OUT="$OUT" run_recipe 1 430 recipe_in256_h200_before_norm_tangent configs/in256.py 6) &
+    run_recipe 0 430 recipe_in256_h200_norm_tangent configs/in256.py 6
+    wait
+    tail -n 2 /tmp/log_recipe_in256_h200_*norm_tangent.txt | cut -c1-600 ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39" >&2; exit 2 ;;
 esac
 log done

@@ -65,3 +65,24 @@ def test_matmul_probe_refuses_bad_shapes_and_a_cpu():
         module.main(["--shape", "256,64"])
     with pytest.raises(SystemExit, match="no GPU"):
         module.main(["--shape", "256,64,128"])
+
+
+def test_jvp_matmul_pairs_probe_checks_and_records_every_role(tmp_path):
+    """bench/jvp_matmul_pairs.py: on the CPU at a few tokens, each linear's forward, input-gradient
+    and weight-gradient matmuls as a pair and stacked, each stacked result checked against the
+    pair's; a token count that is not positive is refused."""
+    sys.path.insert(0, ROOT)
+    try:
+        module = __import__("bench.jvp_matmul_pairs", fromlist=["main"])
+    finally:
+        sys.path.remove(ROOT)
+    out = tmp_path / "pairs.json"
+    module.main(["--tokens", "16", "--iters", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["tokens"] == 16 and len(saved["rows"]) == 12
+    assert {(r["linear"], r["kind"]) for r in saved["rows"]} == {
+        (n, k) for n in ("qkv", "proj", "fc1", "fc2") for k in ("forward", "input_grad", "weight_grad")}
+    assert all(r["rel_err"] <= 1e-2 and r["pair_ms"] > 0 and r["prestacked_ms"] > 0 for r in saved["rows"])
+    assert saved["total_pair_ms"] == pytest.approx(sum(r["pair_ms"] for r in saved["rows"]))
+    with pytest.raises(SystemExit, match="--tokens must be positive"):
+        module.main(["--tokens", "0"])

@@ -1,0 +1,108 @@
+"""Probe: does the JVP call gain from one matmul for the primal and the tangent of each linear?
+
+In the student's JVP call every token-wise Linear multiplies the primal activations and their
+tangent by the same weight, and XLA emits two cuBLAS calls with M = B*N rows each (the step's
+optimised HLO: 56 dots per weight shape where one with 2M rows would do). Its reverse mode does the
+same twice more: two input-gradient matmuls and two weight-gradient matmuls (K = M each) plus an
+add. This probe times, at the DiT-XL/2 256px shapes (M = 32 x 256 tokens), the pair of calls
+against one call on the stacked operands (with the concatenate in the call, and without it), for the forward, the input gradient and the weight
+gradient of qkv, proj, fc1 and fc2, each result checked against the pair's first.
+
+    python bench/jvp_matmul_pairs.py --out bench/results/jvp_matmul_pairs_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels.tools.tile_sweep import start_report, time_ms, write_json  # noqa: E402
+
+LINEARS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
+
+
+def _pair_and_stacked(kind: str):
+    """(pair, stacked) functions of (a, a_dot, b[, b_dot]) for one matmul role."""
+    if kind == "forward":  # y = x W
+        pair = lambda x, xd, w: (x @ w, xd @ w)
+        stacked = lambda x, xd, w: jnp.concatenate([x, xd], 0) @ w
+    elif kind == "input_grad":  # g W^T
+        pair = lambda g, gd, w: (g @ w.T, gd @ w.T)
+        stacked = lambda g, gd, w: jnp.concatenate([g, gd], 0) @ w.T
+    else:  # weight_grad: x^T g + xd^T gd, float32 accumulate, as the step's gradient
+        pair = lambda x, xd, g, gd: (jnp.dot(x.T, g, preferred_element_type=jnp.float32)
+                                     + jnp.dot(xd.T, gd, preferred_element_type=jnp.float32))
+        stacked = lambda x, xd, g, gd: jnp.dot(jnp.concatenate([x, xd], 0).T, jnp.concatenate([g, gd], 0),
+                                               preferred_element_type=jnp.float32)
+    return jax.jit(pair), jax.jit(stacked)
+
+
+def _prestacked(kind: str):
+    """The stacked matmul on operands that arrive stacked (no concatenate in the timed call)."""
+    if kind == "forward":
+        return jax.jit(lambda xs, w: xs @ w)
+    if kind == "input_grad":
+        return jax.jit(lambda gs, w: gs @ w.T)
+    return jax.jit(lambda xs, gs: jnp.dot(xs.T, gs, preferred_element_type=jnp.float32))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=32 * 256, help="M = batch x tokens")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.tokens <= 0:
+        raise SystemExit(f"--tokens must be positive, got {args.tokens}")
+    report = start_report((), interpret=jax.devices()[0].platform != "gpu")
+    report.update(tokens=args.tokens, rows=[])
+    m = args.tokens
+    key = jax.random.key(0)
+    total_pair = total_stacked = total_pre = 0.0
+    for name, (k, n) in LINEARS.items():
+        ks = jax.random.split(jax.random.fold_in(key, k * n), 5)
+        bf = lambda kk, shape: jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
+        x, xd, w = bf(ks[0], (m, k)), bf(ks[1], (m, k)), (bf(ks[2], (k, n)) * k ** -0.5).astype(jnp.bfloat16)
+        g, gd = bf(ks[3], (m, n)), bf(ks[4], (m, n))
+        cases = {"forward": (x, xd, w), "input_grad": (g, gd, w), "weight_grad": (x, xd, g, gd)}
+        for kind, operands in cases.items():
+            pair, stacked = _pair_and_stacked(kind)
+            a = pair(*operands)
+            b = stacked(*operands)
+            a = np.concatenate([np.asarray(t, np.float32) for t in a], 0) if isinstance(a, tuple) else np.asarray(a)
+            b = np.asarray(b, np.float32)
+            err = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+            if err > 1e-2:
+                raise SystemExit(f"{name} {kind}: stacked result differs from the pair's (rel. error {err:.3g})")
+            t_pair = time_ms(pair, operands, args.iters)
+            t_stacked = time_ms(stacked, operands, args.iters)
+            cat = lambda u, v: jnp.concatenate([u, v], 0)
+            pre_args = {"forward": (cat(x, xd), w), "input_grad": (cat(g, gd), w),
+                        "weight_grad": (cat(x, xd), cat(g, gd))}[kind]
+            t_pre = time_ms(_prestacked(kind), pre_args, args.iters)
+            flop = 2.0 * 2 * m * k * n
+            row = dict(linear=name, kind=kind, k=k, n=n, pair_ms=t_pair, stacked_ms=t_stacked, prestacked_ms=t_pre,
+                       pair_tflops=flop / t_pair / 1e9, stacked_tflops=flop / t_stacked / 1e9, rel_err=err)
+            report["rows"].append(row)
+            total_pair += t_pair
+            total_stacked += t_stacked
+            total_pre += t_pre
+            print(f"{name:5s} {kind:12s} pair {t_pair:.4f} ms ({row['pair_tflops']:.0f} TFLOP/s)  "
+                  f"stacked {t_stacked:.4f} ms ({row['stacked_tflops']:.0f})  prestacked {t_pre:.4f}  err {err:.1e}", flush=True)
+    report.update(total_pair_ms=total_pair, total_stacked_ms=total_stacked, total_prestacked_ms=total_pre)
+    print(f"one layer, all roles: pair {total_pair:.3f} ms, stacked {total_stacked:.3f} ms, "
+          f"prestacked {total_pre:.3f} ms", flush=True)
+    if args.out:
+        write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
