@@ -182,6 +182,7 @@
 #   bash bench/gpu_step_session.sh z38 # the native kernel suite (pytest -m gpu kernels), split over the two GPUs
 #   bash bench/gpu_step_session.sh z39 # the headline command on one GPU each at the same time: GPU0 this tree | GPU1
 #                                      # .baseline/base.tgz (main before item 34's kernel)
+#   bash bench/gpu_step_session.sh z40 # the GPU step-vs-XLA test, all six cases: GPU0 layer scan | GPU1 unrolled
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -872,6 +873,14 @@ case "${1:-}" in
     run_recipe 0 430 recipe_in256_h200_norm_tangent configs/in256.py 6
     wait
     tail -n 2 /tmp/log_recipe_in256_h200_*norm_tangent.txt | cut -c1-600 ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39" >&2; exit 2 ;;
+  z40)
+    log "the GPU step-vs-XLA test, all six cases, with item 34's kernel: GPU0 the layer-scan cases | GPU1 the unrolled ones"
+    (CUDA_VISIBLE_DEVICES=1 timeout 190 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_all_gpu1.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 190 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k "not unroll" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_all_gpu0.log" 2>&1
+    wait
+    tail -n 3 "$OUT"/pytest_gpu_h200_attention_in_step_all_gpu*.log ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40" >&2; exit 2 ;;
 esac
 log done
