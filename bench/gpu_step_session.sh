@@ -177,9 +177,11 @@
 #   bash bench/gpu_step_session.sh z36 # the flow-matching call's pre-norms with a Pallas backward: GPU0 native tests,
 #                                      # tile sweep (best patched in), the 256px step after / before | GPU1
 #                                      # before / after, then the GPU step-vs-XLA test's unrolled cases
-#                                      # (the code is on branch fm-norm-grad: measured, not kept)
+#                                      # (the code is on branch fm-norm-grad and in bench/results/fm_norm_grad.patch:
+#                                      # measured, not kept; apply the patch to run this letter)
 #   bash bench/gpu_step_session.sh z37 # the headline command (configs/in256.py, 6 steps) on both GPUs, data parallel
 #   bash bench/gpu_step_session.sh z38 # the native kernel suite (pytest -m gpu kernels), split over the two GPUs
+#                                      # (written in the thirteenth session, not run there: device time ran out)
 #   bash bench/gpu_step_session.sh z39 # the headline command on one GPU each at the same time: GPU0 this tree | GPU1
 #                                      # .baseline/base.tgz (main before item 34's kernel)
 #   bash bench/gpu_step_session.sh z40 # the GPU step-vs-XLA test, all six cases: GPU0 layer scan | GPU1 unrolled
