@@ -262,8 +262,10 @@ def test_sharded_over_the_batch_with_replicated_bias_and_weights(axis_type):
         assert o.sharding.is_equivalent_to(batch, o.ndim), o.sharding
         assert "all-gather" not in fwd.lower(*sargs).compile().as_text()
         g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*sargs)
+        # The replicated bias and weights get sums over the batch, added in another order on four
+        # shards than on one device: 1.2e-6 on an AMD EPYC CPU, under 1e-6 on the earlier machines.
         for x, y in zip(g, ref_g):
-            assert rel_err(x, np.asarray(y)) <= 1e-6
+            assert rel_err(x, np.asarray(y)) <= 1e-5
 
 
 def test_vmap_over_a_leading_axis():
