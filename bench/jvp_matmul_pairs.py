@@ -5,8 +5,13 @@ tangent by the same weight, and XLA emits two cuBLAS calls with M = B*N rows eac
 optimised HLO: 56 dots per weight shape where one with 2M rows would do). Its reverse mode does the
 same twice more: two input-gradient matmuls and two weight-gradient matmuls (K = M each) plus an
 add. This probe times, at the DiT-XL/2 256px shapes (M = 32 x 256 tokens), the pair of calls
-against one call on the stacked operands (with the concatenate in the call, and without it), for the forward, the input gradient and the weight
-gradient of qkv, proj, fc1 and fc2, each result checked against the pair's first.
+against one call on the stacked operands, with the concatenate in the call and without it (operands
+that arrive stacked), for the forward, the input gradient and the weight gradient of qkv, proj,
+fc1 and fc2; each stacked result is checked against the pair's. The weight gradients come out in
+float32 here (in the step's optimised HLO its weight-gradient matmuls write bf16).
+What came of it (bench/NOTES.md, "Changes", item 35): pre-stacked, qkv, fc1 and fc2 take 2.57 ms
+per layer against 2.64 as pairs on an H200; raising XLA's dot-merger threshold so that it stacks
+them made the step slower.
 
     python bench/jvp_matmul_pairs.py --out bench/results/jvp_matmul_pairs_h200.json
 """
