@@ -34,29 +34,27 @@ from kernels.tools.tile_sweep import start_report, time_ms, write_json  # noqa: 
 LINEARS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 
 
-def _pair_and_stacked(kind: str):
-    """(pair, stacked) functions of (a, a_dot, b[, b_dot]) for one matmul role."""
-    if kind == "forward":  # y = x W
-        pair = lambda x, xd, w: (x @ w, xd @ w)
-        stacked = lambda x, xd, w: jnp.concatenate([x, xd], 0) @ w
-    elif kind == "input_grad":  # g W^T
-        pair = lambda g, gd, w: (g @ w.T, gd @ w.T)
-        stacked = lambda g, gd, w: jnp.concatenate([g, gd], 0) @ w.T
-    else:  # weight_grad: x^T g + xd^T gd, float32 accumulate, as the step's gradient
-        pair = lambda x, xd, g, gd: (jnp.dot(x.T, g, preferred_element_type=jnp.float32)
-                                     + jnp.dot(xd.T, gd, preferred_element_type=jnp.float32))
-        stacked = lambda x, xd, g, gd: jnp.dot(jnp.concatenate([x, xd], 0).T, jnp.concatenate([g, gd], 0),
-                                               preferred_element_type=jnp.float32)
-    return jax.jit(pair), jax.jit(stacked)
+def _cat(u, v):
+    return jnp.concatenate([u, v], 0)
 
 
-def _prestacked(kind: str):
-    """The stacked matmul on operands that arrive stacked (no concatenate in the timed call)."""
-    if kind == "forward":
-        return jax.jit(lambda xs, w: xs @ w)
-    if kind == "input_grad":
-        return jax.jit(lambda gs, w: gs @ w.T)
-    return jax.jit(lambda xs, gs: jnp.dot(xs.T, gs, preferred_element_type=jnp.float32))
+def _dot_f32(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+# Per matmul role: the pair of calls on (a, a_dot, b[, b_dot]), the one call on stacked operands,
+# and how the pair's operands stack into the latter's.
+ROLES = {
+    "forward": (lambda x, xd, w: (x @ w, xd @ w),  # y = x W
+                lambda xs, w: xs @ w,
+                lambda x, xd, w: (_cat(x, xd), w)),
+    "input_grad": (lambda g, gd, w: (g @ w.T, gd @ w.T),  # g W^T
+                   lambda gs, w: gs @ w.T,
+                   lambda g, gd, w: (_cat(g, gd), w)),
+    "weight_grad": (lambda x, xd, g, gd: _dot_f32(x.T, g) + _dot_f32(xd.T, gd),  # x^T g + xd^T gd, float32
+                    lambda xs, gs: _dot_f32(xs.T, gs),
+                    lambda x, xd, g, gd: (_cat(x, xd), _cat(g, gd))),
+}
 
 
 def main(argv=None):
@@ -71,7 +69,6 @@ def main(argv=None):
     report.update(tokens=args.tokens, rows=[])
     m = args.tokens
     key = jax.random.key(0)
-    total_pair = total_stacked = total_pre = 0.0
     for name, (k, n) in LINEARS.items():
         ks = jax.random.split(jax.random.fold_in(key, k * n), 5)
         bf = lambda kk, shape: jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
@@ -79,7 +76,9 @@ def main(argv=None):
         g, gd = bf(ks[3], (m, n)), bf(ks[4], (m, n))
         cases = {"forward": (x, xd, w), "input_grad": (g, gd, w), "weight_grad": (x, xd, g, gd)}
         for kind, operands in cases.items():
-            pair, stacked = _pair_and_stacked(kind)
+            pair_fn, stacked_fn, stack = ROLES[kind]
+            pair, prestacked = jax.jit(pair_fn), jax.jit(stacked_fn)
+            stacked = jax.jit(lambda *ops, f=stacked_fn, st=stack: f(*st(*ops)))  # the concatenate inside
             a = pair(*operands)
             b = stacked(*operands)
             a = np.concatenate([np.asarray(t, np.float32) for t in a], 0) if isinstance(a, tuple) else np.asarray(a)
@@ -89,22 +88,17 @@ def main(argv=None):
                 raise SystemExit(f"{name} {kind}: stacked result differs from the pair's (rel. error {err:.3g})")
             t_pair = time_ms(pair, operands, args.iters)
             t_stacked = time_ms(stacked, operands, args.iters)
-            cat = lambda u, v: jnp.concatenate([u, v], 0)
-            pre_args = {"forward": (cat(x, xd), w), "input_grad": (cat(g, gd), w),
-                        "weight_grad": (cat(x, xd), cat(g, gd))}[kind]
-            t_pre = time_ms(_prestacked(kind), pre_args, args.iters)
+            t_pre = time_ms(prestacked, stack(*operands), args.iters)
             flop = 2.0 * 2 * m * k * n
             row = dict(linear=name, kind=kind, k=k, n=n, pair_ms=t_pair, stacked_ms=t_stacked, prestacked_ms=t_pre,
                        pair_tflops=flop / t_pair / 1e9, stacked_tflops=flop / t_stacked / 1e9, rel_err=err)
             report["rows"].append(row)
-            total_pair += t_pair
-            total_stacked += t_stacked
-            total_pre += t_pre
             print(f"{name:5s} {kind:12s} pair {t_pair:.4f} ms ({row['pair_tflops']:.0f} TFLOP/s)  "
                   f"stacked {t_stacked:.4f} ms ({row['stacked_tflops']:.0f})  prestacked {t_pre:.4f}  err {err:.1e}", flush=True)
-    report.update(total_pair_ms=total_pair, total_stacked_ms=total_stacked, total_prestacked_ms=total_pre)
-    print(f"one layer, all roles: pair {total_pair:.3f} ms, stacked {total_stacked:.3f} ms, "
-          f"prestacked {total_pre:.3f} ms", flush=True)
+    totals = {f"total_{c}_ms": sum(r[f"{c}_ms"] for r in report["rows"]) for c in ("pair", "stacked", "prestacked")}
+    report.update(totals)
+    print("one layer, all roles: pair {total_pair_ms:.3f} ms, stacked {total_stacked_ms:.3f} ms, "
+          "prestacked {total_prestacked_ms:.3f} ms".format(**totals), flush=True)
     if args.out:
         write_json(args.out, report)
 
