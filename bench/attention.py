@@ -61,7 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from kernels import AttentionConfig, KernelConfig, attention  # noqa: E402
 from kernels import auto as auto_table  # noqa: E402
-from kernels.config import KERNEL_NAMES, padded_head_dim  # noqa: E402
+from kernels.config import padded_head_dim  # noqa: E402
 from kernels.tools.tile_sweep import write_json  # noqa: E402
 
 DEFAULT_SHAPES = "1,24,1024,128;1,24,4096,128;1,24,8192,128;1,1,16384,128;32,18,256,64;32,18,1024,64"
@@ -366,7 +366,9 @@ def main(argv=None):
     p.add_argument("--write-table", action="store_true", help="update kernels/auto_table.json")
     p.add_argument("--table", default=None, help="auto table path (default kernels/auto_table.json)")
     p.add_argument("--sweep", action="store_true", help="sweep block sizes per kernel")
-    p.add_argument("--sweep-kernels", default=",".join(KERNEL_NAMES), help="kernels to sweep")
+    p.add_argument("--sweep-kernels", default=",".join(SWEEP_MEASURE),
+                   help="kernels to sweep (fwd_qkv, the plain forward with the qkv prologue, has its own "
+                        "sweep: bench/qkv_prologue.py)")
     p.add_argument("--config", default=None, help="AttentionConfig JSON (e.g. a sweep's best_config)")
     p.add_argument("--no-xla", action="store_true", help="skip the XLA timings")
     p.add_argument("--no-cudnn", action="store_true", help="skip cuDNN")
@@ -393,8 +395,8 @@ def main(argv=None):
         user_cfg = AttentionConfig.from_dict(d.get("best_config", d))
     sweep_kernels = [k for k in args.sweep_kernels.split(",") if k]
     for k in sweep_kernels:
-        if k not in KERNEL_NAMES:
-            raise SystemExit(f"--sweep-kernels: unknown kernel {k!r}; choose from {KERNEL_NAMES}")
+        if k not in SWEEP_MEASURE:
+            raise SystemExit(f"--sweep-kernels: unknown kernel {k!r}; choose from {tuple(SWEEP_MEASURE)}")
 
     report = {
         "device_kind": dev.device_kind,

@@ -185,6 +185,9 @@
 #   bash bench/gpu_step_session.sh z39 # the headline command on one GPU each at the same time: GPU0 this tree | GPU1
 #                                      # .baseline/base.tgz (main before item 34's kernel)
 #   bash bench/gpu_step_session.sh z40 # the GPU step-vs-XLA test, all six cases: GPU0 layer scan | GPU1 unrolled
+#   bash bench/gpu_step_session.sh z41 # the qkv prologue inside the plain forward (no split kernel): GPU0 native qkv
+#                                      # tests, bench/qkv_prologue.py (best tiles patched in), sampling after /
+#                                      # before | GPU1 256px step + sampling before / after
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -883,6 +886,32 @@ case "${1:-}" in
         -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_all_gpu0.log" 2>&1
     wait
     tail -n 3 "$OUT"/pytest_gpu_h200_attention_in_step_all_gpu*.log ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40" >&2; exit 2 ;;
+  z41)
+    unpack_base || exit 1
+    rm -f /tmp/ab_tiles_ready
+    log "the plain forward applying the qkv prologue to each tile it loads (no split kernel): GPU0 native qkv tests, bench/qkv_prologue.py (best head-dim-64 tiles patched into this copy), then sampling after / before | GPU1 the 256px step + sampling before, then after"
+    (run_tree 1 /tmp/base 215 train_step_sampling_h200_before_fused_prologue_gpu1 --variants default --sampling
+     while [ ! -f /tmp/ab_tiles_ready ]; do sleep 2; done
+     run_tree 1 "$PWD" 215 train_step_sampling_h200_fused_prologue_gpu1 --variants default --sampling) &
+    CUDA_VISIBLE_DEVICES=0 timeout 110 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k "native_qkv_with_bias" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_fused_prologue.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/qkv_prologue.py --out "$OUT/qkv_prologue_h200.json" > "$OUT/qkv_prologue_h200.log" 2>&1
+    best=$(python3 -c "import json; print(', '.join(map(str, json.load(open('$OUT/qkv_prologue_h200.json'))['best_tiles'])))") \
+        && python3 - "$best" <<'PY'
+import re, sys
+p = "kernels/config.py"
+s = open(p).read()
+i = s.index("_DEFAULTS = {")  # the first fwd_qkv line after it is head dim 64's, 2-byte inputs
+j = s.index("fwd_qkv=", i)
+k = s.index("\n", j)
+open(p, "w").write(s[:j] + f"fwd_qkv=_kc({sys.argv[1]}),  # patched by z41 from the probe" + s[k:])
+PY
+    grep -n "fwd_qkv=" kernels/config.py | head -2 | tee "$OUT/ab_tiles_fused_prologue.txt"; touch /tmp/ab_tiles_ready
+    run_tree 0 "$PWD" 100 sampling_h200_fused_prologue_gpu0 --variants "" --sampling
+    run_tree 0 /tmp/base 100 sampling_h200_before_fused_prologue_gpu0 --variants "" --sampling
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_fused_prologue.log" "$OUT/qkv_prologue_h200.log"
+    for f in /tmp/log_*fused_prologue*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41" >&2; exit 2 ;;
 esac
 log done

@@ -22,6 +22,7 @@ _PALLAS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp
 # Kernels whose block sizes bound the padding, per mode.
 _PLAIN_KERNELS = ("fwd", "bwd_kv", "bwd_q")
 _JVP_KERNELS = ("fwd", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q")
+_QKV_KERNELS = ("fwd_qkv", "bwd_kv", "bwd_q")  # attention_qkv's plain Pallas path
 
 
 # ----------------------------------------------------------------------------- validation
@@ -400,7 +401,7 @@ def attention_qkv(
     scale = _resolve_scale(scale, head_dim)
     interpret = _resolve_interpret(interpret)
     cfg = _resolve_config(block_sizes, head_dim, qkv.dtype)
-    st, q_pad, k_pad, d_pad = _plan(seq, seq, head_dim, cfg, _PLAIN_KERNELS, scale, interpret, qkv.dtype)
+    st, q_pad, k_pad, d_pad = _plan(seq, seq, head_dim, cfg, _QKV_KERNELS, scale, interpret, qkv.dtype)
     seq_pad = max(q_pad, k_pad)  # one array holds q and k: pad both to the larger multiple
     # Operands the prologue does not use are zeros (never read for the norm weights; an exact
     # +0 for the bias, which is only added when given).

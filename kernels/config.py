@@ -13,6 +13,8 @@ bwd_q         plain backward: dq                                          grid o
 jvp_fwd       fused forward + tangent: o, t_o, lse, mu                    grid over q blocks, loop k
 jvp_bwd_kv    tangent backward: dk, dv, dtk, dtv                          grid over k blocks, loop q
 jvp_bwd_q     tangent backward: dq, dtq                                   grid over q blocks, loop k
+fwd_qkv       plain forward of a qkv projection read in place, its        grid over q blocks, loop k
+              prologue (bias, q/k norms) applied to each tile it loads
 ============  ==========================================================  =========================
 
 A field left ``None`` takes the default for the (padded) head dimension from
@@ -51,7 +53,7 @@ import dataclasses
 from typing import Optional
 
 _VALID_WARPS = (1, 2, 4, 8, 16)
-KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q")
+KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q", "fwd_qkv")
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16
 
@@ -106,6 +108,7 @@ class AttentionConfig:
     jvp_fwd: Optional[KernelConfig] = None
     jvp_bwd_kv: Optional[KernelConfig] = None
     jvp_bwd_q: Optional[KernelConfig] = None
+    fwd_qkv: Optional[KernelConfig] = None
 
     def __post_init__(self):
         for name in KERNEL_NAMES:
@@ -168,6 +171,7 @@ _DEFAULTS = {
         jvp_fwd=_kc(64, 64, 4, 3),
         jvp_bwd_kv=_kc(32, 64, 4, 2),
         jvp_bwd_q=_kc(64, 64, 4, 2),
+        fwd_qkv=_kc(64, 64, 4, 3),  # the plain forward's tiles
     ),
     128: AttentionConfig(  # the best of `bench/attention.py --sweep` at (1, 24, 4096, 128) on an H200
         fwd=_kc(128, 64, 8, 3),  # (bench/results/attention_sweep_h200.json): 24.1 -> 8.7 ms fwd+tangent+bwd
@@ -176,6 +180,7 @@ _DEFAULTS = {
         jvp_fwd=_kc(128, 64, 8, 2),
         jvp_bwd_kv=_kc(64, 32, 8, 3),
         jvp_bwd_q=_kc(128, 32, 8, 3),
+        fwd_qkv=_kc(128, 64, 8, 3),  # the plain forward's tiles
     ),
     256: AttentionConfig(
         fwd=_kc(64, 32, 8, 2),
@@ -184,6 +189,7 @@ _DEFAULTS = {
         jvp_fwd=_kc(32, 32, 8, 2),
         jvp_bwd_kv=_kc(16, 32, 8, 2),
         jvp_bwd_q=_kc(32, 16, 8, 2),
+        fwd_qkv=_kc(64, 32, 8, 2),  # the plain forward's tiles
     ),
 }
 
@@ -205,6 +211,7 @@ _DEFAULTS_4BYTE = {
         jvp_fwd=_kc(64, 64, 8, 3),
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(128, 32, 8, 2),
+        fwd_qkv=_kc(128, 64, 4, 3),  # the plain forward's tiles
     ),
     128: AttentionConfig(
         fwd=_kc(128, 64, 8, 3),
@@ -213,6 +220,7 @@ _DEFAULTS_4BYTE = {
         jvp_fwd=_kc(64, 64, 8, 2),
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(64, 32, 8, 2),
+        fwd_qkv=_kc(128, 64, 8, 3),  # the plain forward's tiles
     ),
 }
 

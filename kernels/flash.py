@@ -172,9 +172,10 @@ def _row_dot(a, b):
 # ----------------------------------------------------------------------------- plain forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, kc: KernelConfig):
+def _fwd_tiles(q, key_tile, value_tile, o_ref, lse_ref, *, st: Static, kc: KernelConfig):
+    """The plain forward of one block of query rows ``q`` (already loaded): ``key_tile(ks)`` and
+    ``value_tile(ks)`` give the key and value rows ``ks`` as the kernel should use them."""
     bq, bk = kc.block_q, kc.block_k
-    q = q_ref[...]
     dt = q.dtype
     dim = q.shape[-1]
 
@@ -182,8 +183,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, kc: KernelCo
         acc, m, l = carry
         start = _start(j, bk)
         ks = pl.ds(start, bk)
-        k = k_ref[ks, :]
-        v = v_ref[ks, :]
+        k = key_tile(ks)
+        v = value_tile(ks)
         s = _key_block_logits(q, k, start, masked, st)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -201,6 +202,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, kc: KernelCo
     inv_l = 1.0 / l
     o_ref[...] = (acc * inv_l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, kc: KernelConfig):
+    _fwd_tiles(q_ref[...], lambda ks: k_ref[ks, :], lambda ks: v_ref[ks, :], o_ref, lse_ref, st=st, kc=kc)
 
 
 def fwd_call(q, k, v, st: Static):
@@ -257,14 +262,21 @@ def _add_bias(x, b):
     return (x.astype(_F32) + b.astype(_F32)[None, :]).astype(x.dtype)
 
 
-def _split_qkv_kernel(q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref, wq_ref, wk_ref, qo_ref, ko_ref, vo_ref, *, pro):
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+def _prologue_tile(x, b, w, pro: "QKVPrologue", *, norm: bool):
+    """A tile of q, k or v rows after the :class:`QKVPrologue`: the bias ``b`` added (when
+    ``pro.bias``), then, for q and k (``norm``), the RMS norm with weights ``w`` (when
+    ``pro.norm``). The one definition for the split kernel and the fused forward."""
     if pro.bias:
-        q, k, v = _add_bias(q, bq_ref[...]), _add_bias(k, bk_ref[...]), _add_bias(v, bv_ref[...])
-    if pro.norm:
-        q = qk_rms_norm(q, wq_ref[...], eps=pro.eps, dim=pro.head_dim)
-        k = qk_rms_norm(k, wk_ref[...], eps=pro.eps, dim=pro.head_dim)
-    qo_ref[...], ko_ref[...], vo_ref[...] = q, k, v
+        x = _add_bias(x, b)
+    if norm and pro.norm:
+        x = qk_rms_norm(x, w, eps=pro.eps, dim=pro.head_dim)
+    return x
+
+
+def _split_qkv_kernel(q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref, wq_ref, wk_ref, qo_ref, ko_ref, vo_ref, *, pro):
+    qo_ref[...] = _prologue_tile(q_ref[...], bq_ref[...], wq_ref[...], pro, norm=True)
+    ko_ref[...] = _prologue_tile(k_ref[...], bk_ref[...], wk_ref[...], pro, norm=True)
+    vo_ref[...] = _prologue_tile(v_ref[...], bv_ref[...], None, pro, norm=False)
 
 
 _SPLIT_ROWS = 128  # rows per program of the split kernel (fewer when the sequence is shorter)
@@ -295,22 +307,41 @@ def split_qkv_call(qkv, bias, wq, wk, pro: QKVPrologue, interpret: bool):
     )(qkv, qkv, qkv, bias, bias, bias, wq, wk)
 
 
-def fwd_qkv_call(qkv, st: Static):
+def _fwd_prologue_kernel(q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref, wq_ref, wk_ref, o_ref, lse_ref, *,
+                         st: Static, kc: KernelConfig, pro: QKVPrologue):
+    bk, bv, wk = bk_ref[...], bv_ref[...], wk_ref[...]
+    q = _prologue_tile(q_ref[...], bq_ref[...], wq_ref[...], pro, norm=True)
+    _fwd_tiles(q, lambda ks: _prologue_tile(k_ref[ks, :], bk, wk, pro, norm=True),
+               lambda ks: _prologue_tile(v_ref[ks, :], bv, None, pro, norm=False), o_ref, lse_ref, st=st, kc=kc)
+
+
+def fwd_qkv_call(qkv, st: Static, bias=None, wq=None, wk=None, pro: QKVPrologue | None = None):
     """Plain forward reading q, k and v in place from a (B, S, 3, H, D) qkv array (no slicing
-    copies). Returns (o (B, S, H, D), lse2 (B, H, S) fp32)."""
-    kc = st.cfg.fwd
+    copies). With a :class:`QKVPrologue` that is not the identity, the kernel applies it to each
+    tile it loads (bias (3, H, D); norm weights wq, wk (D,)): the key and value tiles once per
+    block of query rows, so ``st.cfg.fwd_qkv``'s ``block_q`` sets how often. Returns
+    (o (B, S, H, D), lse2 (B, H, S) fp32)."""
+    kc = st.cfg.fwd_qkv
     b, s, _, h, d = qkv.shape
     o_shape = _like(qkv, lambda a: a[:, :, 0])
+    specs = [_qkv_slot_spec(0, kc.block_q, d), _qkv_slot_all_spec(1, s, d), _qkv_slot_all_spec(2, s, d)]
+    operands = (qkv, qkv, qkv)
+    kernel = functools.partial(_fwd_kernel, st=st, kc=kc)
+    if pro is not None and not pro.identity:
+        weight = pl.BlockSpec((d,), lambda i, b, h: (0,))
+        specs += [_bias_spec(j, d) for j in range(3)] + [weight, weight]
+        operands += (bias, bias, bias, wq, wk)
+        kernel = functools.partial(_fwd_prologue_kernel, st=st, kc=kc, pro=pro)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st, kc=kc),
+        kernel,
         grid=(s // kc.block_q, b, h),
-        in_specs=[_qkv_slot_spec(0, kc.block_q, d), _qkv_slot_all_spec(1, s, d), _qkv_slot_all_spec(2, s, d)],
+        in_specs=specs,
         out_specs=[_rows_spec(kc.block_q, d), _stat_rows_spec(kc.block_q)],
         out_shape=[o_shape, _stat_shape(o_shape)],
         compiler_params=_params(kc),
         interpret=st.interpret,
         name="tvm_flash_fwd_qkv",
-    )(qkv, qkv, qkv)
+    )(*operands)
 
 
 # ----------------------------------------------------------------------------- plain backward
@@ -662,9 +693,7 @@ def split_qkv(qkv, bias, wq, wk, pro: QKVPrologue):
 
 
 def _qkv_forward(qkv, bias, wq, wk, st, pro):
-    if pro.identity:
-        return fwd_qkv_call(qkv, st)
-    return fwd_call(*split_qkv_call(qkv, bias, wq, wk, pro, st.interpret), st)
+    return fwd_qkv_call(qkv, st, bias, wq, wk, pro)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

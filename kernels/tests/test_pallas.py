@@ -34,6 +34,7 @@ def _mixed_cfg():
         jvp_fwd=KernelConfig(16, 32),
         jvp_bwd_kv=KernelConfig(16, 32),
         jvp_bwd_q=KernelConfig(32, 16),
+        fwd_qkv=KernelConfig(32, 16),
     )
 
 

@@ -153,8 +153,9 @@ def test_same_numbers_as_the_attention_kernels_on_xla_made_q_k_v(case):
 
 
 def test_the_plain_kernel_path_is_the_one_that_runs():
-    """impl="pallas", jvp=False: the split kernel (bias, norms), then the plain forward kernel;
-    with neither bias nor norms, the forward kernel that reads q, k, v in place."""
+    """impl="pallas", jvp=False: one forward kernel reads qkv in place and applies the bias and
+    the norms to each tile it loads (no split kernel, no XLA slices); the same kernel with
+    neither."""
     case = CASES[0]
     qkv, bias, wq, wk, _ = _inputs(case)
     kw = dict(impl="pallas", interpret=True, block_sizes=case.cfg)
@@ -163,8 +164,8 @@ def test_the_plain_kernel_path_is_the_one_that_runs():
         return sorted(set(re.findall(r"name=(tvm_\w+)", str(jax.make_jaxpr(fn)(*args)))))
 
     assert kernels_in(lambda *a: attention_qkv(a[0], a[2], a[3], bias=a[1], **kw), qkv, bias, wq, wk) == [
-        "tvm_flash_fwd", "tvm_split_qkv"]
-    assert kernels_in(lambda a, b: attention_qkv(a, bias=b, **kw), qkv, bias) == ["tvm_flash_fwd", "tvm_split_qkv"]
+        "tvm_flash_fwd_qkv"]
+    assert kernels_in(lambda a, b: attention_qkv(a, bias=b, **kw), qkv, bias) == ["tvm_flash_fwd_qkv"]
     assert kernels_in(lambda a: attention_qkv(a, **kw), qkv) == ["tvm_flash_fwd_qkv"]
 
 
