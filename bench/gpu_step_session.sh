@@ -188,6 +188,10 @@
 #   bash bench/gpu_step_session.sh z41 # the qkv prologue inside the plain forward (no split kernel): GPU0 native qkv
 #                                      # tests, bench/qkv_prologue.py (best tiles patched in), sampling after /
 #                                      # before | GPU1 256px step + sampling before / after
+#   bash bench/gpu_step_session.sh z42 # with it: the native kernel suite split over both GPUs, then the GPU
+#                                      # step-vs-XLA test (GPU0 layer-scan cases | GPU1 unrolled)
+#   bash bench/gpu_step_session.sh z43 # with its default tiles: the 256px step + sampling against main on both
+#                                      # GPUs in opposite orders
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -912,6 +916,27 @@ PY
     wait
     tail -n 3 "$OUT/pytest_gpu_h200_fused_prologue.log" "$OUT/qkv_prologue_h200.log"
     for f in /tmp/log_*fused_prologue*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41" >&2; exit 2 ;;
+  z42)
+    log "the native kernel suite and the GPU step-vs-XLA test (all six cases) with the fused qkv prologue: GPU0 plain, cuDNN, auto, bias_gelu, residual_norm_modulate, then the layer-scan step cases | GPU1 tangent (norm_modulate_tangent too), grad of jvp, qkv, then the unrolled step cases"
+    (CUDA_VISIBLE_DEVICES=1 timeout 380 python3 -m pytest -q -rs -m gpu kernels -k "tangent or grad_of_jvp or qkv" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_kernels_fused_prologue_gpu1.log" 2>&1
+     CUDA_VISIBLE_DEVICES=1 timeout 170 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_fused_prologue_gpu1.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -rs -m gpu kernels -k "not (tangent or grad_of_jvp or qkv)" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_kernels_fused_prologue_gpu0.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k "not unroll" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_fused_prologue_gpu0.log" 2>&1
+    wait
+    tail -n 4 "$OUT"/pytest_gpu_h200_*fused_prologue_gpu*.log ;;
+  z43)
+    unpack_base || exit 1
+    log "the fused qkv prologue (default tiles) against main, the 256px step + sampling alternating on both GPUs in opposite orders: GPU0 after, before | GPU1 before, after"
+    (run_tree 1 /tmp/base 215 train_step_sampling_h200_before_fused_prologue_repeat_gpu1 --variants default --sampling
+     run_tree 1 "$PWD" 215 train_step_sampling_h200_fused_prologue_repeat_gpu1 --variants default --sampling) &
+    run_tree 0 "$PWD" 215 train_step_sampling_h200_fused_prologue_repeat_gpu0 --variants default --sampling
+    run_tree 0 /tmp/base 215 train_step_sampling_h200_before_fused_prologue_repeat_gpu0 --variants default --sampling
+    wait
+    for f in /tmp/log_*fused_prologue_repeat*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43" >&2; exit 2 ;;
 esac
 log done

@@ -3,7 +3,7 @@
 ``attention(q, k, v, *, scale=None, impl="auto", jvp=False, interpret=None, block_sizes=None)``
 is the general entry point (layout (batch, seq, heads, head_dim)); ``attention_qkv(qkv, q_norm_weight,
 k_norm_weight, ...)`` takes the model's fused qkv projection, its bias and the q/k RMS norms, which
-one Pallas pass applies before the attention kernels. ``bias_gelu(y, bias)`` is the MLP's bias add
+the plain forward kernel applies to each tile it loads. ``bias_gelu(y, bias)`` is the MLP's bias add
 and tanh GELU in one Pallas pass; ``residual_norm_modulate`` the block's second pre-norm (gated
 residual add, RMS norm, adaLN modulation) in one; ``norm_modulate_tangent`` a pre-norm and its
 modulation in a JVP call, whose reverse mode is one Pallas pass.

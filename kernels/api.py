@@ -365,10 +365,11 @@ def attention_qkv(
     Returns:
       (B, S, H, D) array with qkv's dtype: ``attention(norm(q + b_q), norm(k + b_k), v + b_v)``.
 
-    Where the call runs the Pallas kernels in plain mode (``jvp=False``), one Pallas pass adds
-    the bias, normalises q and k and writes q, k, v (no XLA slices, bias add or norm fusions;
-    with neither bias nor norm the forward kernel reads q, k, v in place); the backward (a
-    ``custom_vjp``) recomputes that prologue with XLA and runs the plain backward kernels.
+    Where the call runs the Pallas kernels in plain mode (``jvp=False``), the forward kernel
+    reads q, k, v in place from qkv and adds the bias and normalises q and k on each tile it
+    loads (no XLA slices, bias add or norm fusions, and q, k, v are never written out; its
+    tiles are ``block_sizes.fwd_qkv``); the backward (a ``custom_vjp``) recomputes that
+    prologue with XLA and runs the plain backward kernels.
     Every other case (``jvp=True``, XLA, cuDNN) applies the prologue with XLA and calls
     :func:`attention`, so the result is the same function everywhere; with ``jvp=True`` on the
     Pallas kernels and the norms on, the reverse mode of the prologue's JVP is one Pallas pass

@@ -171,7 +171,7 @@ _DEFAULTS = {
         jvp_fwd=_kc(64, 64, 4, 3),
         jvp_bwd_kv=_kc(32, 64, 4, 2),
         jvp_bwd_q=_kc(64, 64, 4, 2),
-        fwd_qkv=_kc(64, 64, 4, 3),  # the plain forward's tiles
+        fwd_qkv=_kc(256, 64, 8, 3),  # bench/qkv_prologue.py: the best summed time over the DiT's shapes
     ),
     128: AttentionConfig(  # the best of `bench/attention.py --sweep` at (1, 24, 4096, 128) on an H200
         fwd=_kc(128, 64, 8, 3),  # (bench/results/attention_sweep_h200.json): 24.1 -> 8.7 ms fwd+tangent+bwd
@@ -220,7 +220,7 @@ _DEFAULTS_4BYTE = {
         jvp_fwd=_kc(64, 64, 8, 2),
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(64, 32, 8, 2),
-        fwd_qkv=_kc(128, 64, 8, 3),  # the plain forward's tiles
+        fwd_qkv=_kc(64, 64, 8, 2),  # (128, 64, 8, 3) asked for 257 KiB of shared memory on an H200
     ),
 }
 

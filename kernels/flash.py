@@ -27,10 +27,13 @@ Matmul operands are in the input dtype, accumulation in fp32 (``preferred_elemen
 fp32 inputs use IEEE fp32 matmuls (``Precision.HIGHEST``, no TF32).
 
 Self-attention of a fused (batch, seq, 3, heads, dim) qkv projection (:func:`flash_qkv`, behind
-``kernels.attention_qkv``): a memory-pass kernel applies the :class:`QKVPrologue` (the
-projection's bias, the q/k RMS norms) and writes q, k, v for the plain kernels above; with no
-prologue the forward kernel reads q, k, v in place through 5-D block specs. The backward
-recomputes the prologue with XLA and zeroes the padded rows' cotangents (the bias reaches them).
+``kernels.attention_qkv``): the forward kernel reads q, k, v in place through 5-D block specs
+and applies the :class:`QKVPrologue` (the projection's bias, the q/k RMS norms) to every tile it
+loads, so q, k, v are never written out (key and value tiles are prepared once per block of
+query rows; ``AttentionConfig.fwd_qkv`` has its own tiles). The backward recomputes the
+prologue with XLA and zeroes the padded rows' cotangents (the bias reaches them). The split
+kernel (:func:`split_qkv_call`: the prologue as a memory pass that writes q, k, v) is what the
+fused forward replaced; ``bench/qkv_prologue.py`` times the two against each other.
 """
 from __future__ import annotations
 
@@ -288,7 +291,9 @@ def split_qkv_call(qkv, bias, wq, wk, pro: QKVPrologue, interpret: bool):
     (bias (3, H, D) added; q, k RMS-normalised with the weights wq, wk (D,)), in one memory
     pass: each program reads a block of rows of one head straight from qkv. (XLA's fusion of
     the same norm tiles one head of a few hundred tokens at a time and ran at a third of the
-    memory rate, and the bias add and the v slice were passes of their own.)"""
+    memory rate, and the bias add and the v slice were passes of their own.) The model's path
+    no longer runs it: the forward kernel applies the prologue itself (:func:`fwd_qkv_call`);
+    ``bench/qkv_prologue.py`` measures that against this kernel followed by the plain forward."""
     b, s, _, h, d = qkv.shape
     rows = math.gcd(s, _SPLIT_ROWS)  # s is a multiple of a power of two >= 16
     out = pl.BlockSpec((SQUEEZED, rows, SQUEEZED, d), lambda i, b, h: (b, i, h, 0))

@@ -324,8 +324,8 @@ class Attention(nnx.Module):
         """The attention output before the proj Linear, (B, N, H)."""
         b, n, _ = x.shape
         # The qkv Linear's bias and the q/k RMS norms (learnable weights, eps as the RMSNorm
-        # modules) are applied by the attention op: on the plain Pallas path one kernel adds the
-        # bias, normalises q and k and splits q, k, v, instead of three XLA passes.
+        # modules) are applied by the attention op: on the plain Pallas path the forward kernel adds
+        # the bias and normalises q and k on each tile it reads from qkv, instead of XLA passes.
         qkv, bias = _matmul_and_bias(self.qkv, x)
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
         norms = (None, None) if self.q_norm is None else (self.q_norm.weight[...], self.k_norm.weight[...])

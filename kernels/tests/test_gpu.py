@@ -163,7 +163,8 @@ def test_native_auto_plain_at_model_shape(dtype):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [(2, 256, 4, 64), (1, 1024, 4, 64), (2, 333, 3, 80)], ids=_id)
 def test_native_qkv_with_bias_and_norms(shape, dtype):
-    """attention_qkv's plain Pallas path (split kernel: bias, q/k norms; then the plain kernels):
+    """attention_qkv's plain Pallas path (the forward adds the bias and normalises q and k on each
+    tile it loads; the backward recomputes that prologue with XLA before the plain kernels):
     (1) against the float64 XLA composition (bias add, slices, kernels.qk_rms_norm, attention),
     gradients of the bias and norm weights included; (2) against what it replaces, the Pallas
     attention on q, k, v made by XLA, which must agree to bf16 rounding.
@@ -205,7 +206,7 @@ def test_native_qkv_with_bias_and_norms(shape, dtype):
     assert_close("o", o, np.asarray(o_ref), TOL[dtype])
     for name, g, gr in zip(("dqkv", "dbias", "dwq", "dwk"), grads, g_ref):
         assert_close(name, g, np.asarray(gr), (6e-2 if name in ("dwq", "dwk") else 3e-2) if bf16 else TOL[dtype])
-    # (2) the composition it replaces, run the same way: the split kernel's norm and XLA's may
+    # (2) the composition it replaces, run the same way: the kernel's norm and XLA's may
     # round a bf16 element differently, nothing more
     f32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
     assert_close("o vs replaced", o, f32(o_old), 5e-3 if bf16 else 1e-5)

@@ -17,7 +17,6 @@ from jax.sharding import PartitionSpec as P
 
 from kernels import AttentionConfig, KernelConfig, attention, attention_qkv, bias_gelu, default_config, flash_with_tangent
 from kernels import gelu as gelu_mod
-from kernels import flash as flash_mod
 from kernels import qkv_tangent
 
 TRITON = "__gpu$xla.gpu.triton"
@@ -56,13 +55,10 @@ def _check(text, expected, dim, cfg=None, dtype=None):
     assert sorted(n for n, _, _ in found) == sorted(full(e) for e in expected), found
     cfg = (cfg or default_config(dim, dtype)).resolve(dim, dtype)
     for name, warps, stages in found:
-        if name == "tvm_split_qkv":  # a memory pass with fixed launch parameters
-            assert (warps, stages) == (flash_mod._SPLIT_WARPS, 1), (name, warps, stages)
-            continue
         if name == "tvm_qkv_tangent_bwd":  # likewise (kernels/qkv_tangent.py)
             assert (warps, stages) == (qkv_tangent.WARPS, 1), (name, warps, stages)
             continue
-        kc = getattr(cfg, name.removeprefix("tvm_flash_").removesuffix("_qkv"))  # fwd_qkv: fwd's tiles
+        kc = getattr(cfg, name.removeprefix("tvm_flash_"))
         assert (warps, stages) == (kc.num_warps, kc.num_stages), (name, warps, stages)
 
 
@@ -97,16 +93,16 @@ def test_all_kernels_lower_to_triton(dim, seq):
 
 @pytest.mark.parametrize("dim,seq,dtype", [(64, 256, jnp.bfloat16), (48, 130, jnp.bfloat16), (64, 100, jnp.float32)])
 def test_qkv_kernels_lower_to_triton(dim, seq, dtype):
-    """attention_qkv's plain path: the split kernel (bias, q/k norms) reads the 5-D qkv array
-    through squeezed block specs, then the plain forward; without a prologue the forward reads
-    q, k, v in place; the backward runs the plain backward kernels."""
+    """attention_qkv's plain path: the forward reads the 5-D qkv array through squeezed block
+    specs and applies the bias and q/k norms itself, with or without them; the backward runs the
+    plain backward kernels."""
     sd = jax.ShapeDtypeStruct((2, seq, 3, 3, dim), dtype)
     w = jax.ShapeDtypeStruct((dim,), jnp.float32)
     bias = jax.ShapeDtypeStruct((3, 3, dim), dtype)
     fn = lambda a, b, c, d: attention_qkv(a, c, d, bias=b, **KW)  # noqa: E731
-    _check(_lower(fn, sd, bias, w, w), ["tvm_split_qkv", "fwd"], dim, dtype=dtype)
+    _check(_lower(fn, sd, bias, w, w), ["fwd_qkv"], dim, dtype=dtype)
     grad = jax.grad(lambda *a: _f32sum(fn(*a)), argnums=(0, 1, 2, 3))
-    _check(_lower(grad, sd, bias, w, w), ["tvm_split_qkv", "fwd", "bwd_kv", "bwd_q"], dim, dtype=dtype)
+    _check(_lower(grad, sd, bias, w, w), ["fwd_qkv", "bwd_kv", "bwd_q"], dim, dtype=dtype)
     _check(_lower(lambda a: attention_qkv(a, **KW), sd), ["fwd_qkv"], dim, dtype=dtype)
     # jvp mode keeps the tangent kernels (the prologue by XLA before them); the reverse mode of
     # the prologue's JVP is one kernel where it applies (lengths a multiple of 16)

@@ -1,6 +1,6 @@
 """``attention_qkv``: attention of a fused (B, S, 3, H, D) qkv projection output with its bias and
-learnable q/k RMS norms, applied on the plain Pallas path by one split kernel (interpret mode on
-CPU).
+learnable q/k RMS norms, applied on the plain Pallas path by the forward kernel to each tile it
+loads (interpret mode on CPU).
 
 References are float64 JAX autodiff of the XLA composition: add the bias, slice q, k, v out of
 qkv, normalise q and k (``kernels.reference.qk_rms_norm``, the model's RMSNorm),
@@ -53,6 +53,7 @@ CASES = [
     Case(5, jnp.bfloat16, 2, 40, 1, 16, AttentionConfig.uniform(16, 32), norm=False),  # bias only
     Case(7, jnp.float32, 1, 50, 2, 32, AttentionConfig.uniform(16, 16), bias=False),  # norm only
     Case(8, jnp.bfloat16, 1, 48, 2, 32, None, norm=False, bias=False),  # read in place
+    Case(9, jnp.bfloat16, 1, 300, 2, 32, None),  # default tiles: 256-row query blocks, padded to 512
 ]
 
 
@@ -113,6 +114,12 @@ def test_forward_and_grads_of_qkv_bias_and_norm_weights(case):
         # their relative error (observed 1.25e-2 for dq, 1.0e-2 for dwq, dwk: the same as the
         # Pallas attention on XLA-normalised q, k, see the next test).
         tol["grad"] = 2e-2
+    norm_weights_tol = tol["grad"]
+    if case.norm and case.dtype == jnp.bfloat16 and case.seq > 256:
+        # More keys, more of that error in the weights' sums over tokens: observed 2.2e-2 for
+        # dwk at 300 tokens (and, with head dim 16, 2.65e-2 for dwq both here and with the split
+        # kernel this path replaced); the native test allows 6e-2 at 1,024 tokens for the same reason.
+        norm_weights_tol = 6e-2
     assert o.dtype == qkv.dtype and o.shape == do.shape
     assert dqkv.dtype == qkv.dtype and dqkv.shape == qkv.shape
     assert_close("o", o, o_ref, tol["out"])
@@ -120,8 +127,8 @@ def test_forward_and_grads_of_qkv_bias_and_norm_weights(case):
     for i, name in enumerate("qkv"):  # each third on its own: a swapped or missing part shows
         assert_close(f"d{name}", dqkv[:, :, i], dqkv_ref[:, :, i], tol["grad"])
     if case.norm:
-        assert_close("dwq", dwq, dwq_ref, tol["grad"])
-        assert_close("dwk", dwk, dwk_ref, tol["grad"])
+        assert_close("dwq", dwq, dwq_ref, norm_weights_tol)
+        assert_close("dwk", dwk, dwk_ref, norm_weights_tol)
     else:
         assert not np.any(np.asarray(dwq)) and not np.any(np.asarray(dwk))
     if case.bias:
