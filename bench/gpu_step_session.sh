@@ -192,6 +192,11 @@
 #                                      # step-vs-XLA test (GPU0 layer-scan cases | GPU1 unrolled)
 #   bash bench/gpu_step_session.sh z43 # with its default tiles: the 256px step + sampling against main on both
 #                                      # GPUs in opposite orders
+#   bash bench/gpu_step_session.sh z44 # kernels.block_end_norm_modulate against the fused-prologue code: GPU0
+#                                      # native tests, tile sweep (patched in), sampling after / before, the
+#                                      # unrolled step-vs-XLA cases | GPU1 256px step + sampling before / after
+#                                      # (measured, not kept: run `git apply bench/results/block_end.patch`
+#                                      # first, and carry main as .baseline/base.tgz)
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -937,6 +942,27 @@ PY
     run_tree 0 /tmp/base 215 train_step_sampling_h200_before_fused_prologue_repeat_gpu0 --variants default --sampling
     wait
     for f in /tmp/log_*fused_prologue_repeat*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43" >&2; exit 2 ;;
+  z44)
+    unpack_base || exit 1
+    rm -f /tmp/ab_tiles_ready
+    log "a block's two gated residual adds and the next block's first pre-norm as one Pallas pass (kernels.block_end_norm_modulate) against .baseline/base.tgz (the fused qkv prologue): GPU0 native tests, tile sweep (best patched into this copy), sampling after / before, the GPU step-vs-XLA test's unrolled cases | GPU1 the 256px step + sampling before, then after"
+    (run_tree 1 /tmp/base 215 train_step_sampling_h200_before_block_end_gpu1 --variants default --sampling
+     while [ ! -f /tmp/ab_tiles_ready ]; do sleep 2; done
+     run_tree 1 "$PWD" 215 train_step_sampling_h200_block_end_gpu1 --variants default --sampling) &
+    CUDA_VISIBLE_DEVICES=0 timeout 80 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k "block_end or residual_norm" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_block_end.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 100 python3 bench/residual_norm_modulate.py --block_end --tiles "1,1;2,1;1,2;2,2;4,2;4,4;8,4" \
+        --out "$OUT/block_end_norm_modulate_h200.json" > "$OUT/block_end_norm_modulate_h200.log" 2>&1
+    best=$(python3 -c "import json; print(', '.join(map(str, json.load(open('$OUT/block_end_norm_modulate_h200.json'))['best_tiles'])))") \
+        && sed -i "s/^BLOCK_END_TILES = .*/BLOCK_END_TILES = ($best)/" kernels/modulation.py
+    grep -n "^BLOCK_END_TILES" kernels/modulation.py | tee "$OUT/ab_tiles_block_end.txt"; touch /tmp/ab_tiles_ready
+    run_tree 0 "$PWD" 100 sampling_h200_block_end_gpu0 --variants "" --sampling
+    run_tree 0 /tmp/base 100 sampling_h200_before_block_end_gpu0 --variants "" --sampling
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu tests/test_attention_in_step.py -k unroll \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_attention_in_step_block_end.log" 2>&1
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_block_end.log" "$OUT/block_end_norm_modulate_h200.log" "$OUT/pytest_gpu_h200_attention_in_step_block_end.log"
+    for f in /tmp/log_*block_end*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44" >&2; exit 2 ;;
 esac
 log done
