@@ -197,6 +197,8 @@
 #                                      # unrolled step-vs-XLA cases | GPU1 256px step + sampling before / after
 #                                      # (measured, not kept: run `git apply bench/results/block_end.patch`
 #                                      # first, and carry main as .baseline/base.tgz)
+#   bash bench/gpu_step_session.sh z45 # the headline command on one GPU each at the same time: GPU0 the fused
+#                                      # qkv prologue | GPU1 main before it (.baseline/base.tgz)
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -963,6 +965,13 @@ PY
     wait
     tail -n 3 "$OUT/pytest_gpu_h200_block_end.log" "$OUT/block_end_norm_modulate_h200.log" "$OUT/pytest_gpu_h200_attention_in_step_block_end.log"
     for f in /tmp/log_*block_end*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44" >&2; exit 2 ;;
+  z45)
+    unpack_base || exit 1
+    log "the headline command on one GPU each, at the same time: GPU0 this tree (the fused qkv prologue, item 38) | GPU1 .baseline/base.tgz (main before it, cb34063)"
+    (cd /tmp/base && PYTHONPATH=/tmp/base:/tmp/site OUT="$OUT" run_recipe 1 430 recipe_in256_h200_before_fused_prologue configs/in256.py 6) &
+    run_recipe 0 430 recipe_in256_h200_fused_prologue configs/in256.py 6
+    wait
+    tail -n 2 /tmp/log_recipe_in256_h200_*fused_prologue.txt | cut -c1-600 ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45" >&2; exit 2 ;;
 esac
 log done
