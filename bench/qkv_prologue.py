@@ -74,16 +74,16 @@ def main(argv=None):
         print(f"shape {(b, s, h, d)}: split + forward {split_ms:.4f} ms (rel err {split_err:.2e})", flush=True)
         rows = []
         for t in tiles:
-            cfg = AttentionConfig(fwd_qkv=KernelConfig(*t))
-            fused = jax.jit(lambda a, c, x, y, cfg=cfg: attention_qkv(
-                a, x, y, bias=c, eps=EPS, impl="pallas", interpret=args.interpret, block_sizes=cfg))
             try:
+                cfg = AttentionConfig(fwd_qkv=KernelConfig(*t))
+                fused = jax.jit(lambda a, c, x, y, cfg=cfg: attention_qkv(
+                    a, x, y, bias=c, eps=EPS, impl="pallas", interpret=args.interpret, block_sizes=cfg))
                 err = rel_err(fused(qkv, bias, wq, wk), want)
                 if not err <= 1.5 * split_err + 1e-4:
                     raise AssertionError(f"relative error {err:.2e} against the split path's {split_err:.2e}")
                 ms = time_ms(fused, (qkv, bias, wq, wk), args.iters)
                 row = {"tiles": list(t), "ms": ms, "rel_err": err}
-            except Exception as e:  # noqa: BLE001 - a tile that fails to compile, run or check
+            except Exception as e:  # noqa: BLE001 - a tile that is invalid or fails to compile, run or check
                 row = {"tiles": list(t), "ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
             rows.append(row)
             print(f"  fused {tuple(t)}: " + (f"{row['ms']:.4f} ms (rel err {row['rel_err']:.2e})" if row["ms"]

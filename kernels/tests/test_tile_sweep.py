@@ -1,4 +1,4 @@
-"""kernels.tools.tile_sweep and the two sweep scripts built on it (CPU: the Pallas interpreter)."""
+"""kernels.tools.tile_sweep and the sweep scripts and probes built on it (CPU: the Pallas interpreter)."""
 import json
 import os
 import sys
@@ -86,3 +86,28 @@ def test_jvp_matmul_pairs_probe_checks_and_records_every_role(tmp_path):
     assert saved["total_pair_ms"] == pytest.approx(sum(r["pair_ms"] for r in saved["rows"]))
     with pytest.raises(SystemExit, match="--tokens must be positive"):
         module.main(["--tokens", "0"])
+
+
+def test_qkv_prologue_probe_checks_every_tile_against_float32(tmp_path):
+    """bench/qkv_prologue.py in the interpreter at two small shapes: the split path and each tile
+    of the fused forward checked against float32 attention before timing (a tile that fails to
+    run is recorded as failed, not dropped), the best tile over the shapes; malformed shapes and
+    tiles are refused with a message."""
+    sys.path.insert(0, ROOT)
+    try:
+        module = __import__("bench.qkv_prologue", fromlist=["main"])
+    finally:
+        sys.path.remove(ROOT)
+    out = tmp_path / "qkv.json"
+    report = module.main(["--interpret", "--iters", "1", "--shapes", "2,32,2,64;1,64,1,64",
+                          "--tiles", "16,16,4,3;32,16,4,3;8,16,4,3", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["best_tiles"] == report["best_tiles"] and len(saved["shapes"]) == 2
+    for entry in saved["shapes"]:
+        assert entry["split_then_forward"]["rel_err"] < 1e-2 and entry["split_then_forward"]["ms"] > 0
+        ok, bad = entry["pallas"][:2], entry["pallas"][2]
+        assert all(r["ms"] > 0 and r["rel_err"] <= 1.5 * entry["split_then_forward"]["rel_err"] + 1e-4 for r in ok)
+        assert bad["ms"] is None and "power of two >= 16" in bad["error"]  # block_q 8 is not a valid tile
+    assert saved["best_tiles"] in ([16, 16, 4, 3], [32, 16, 4, 3])
+    with pytest.raises(SystemExit, match="batch,tokens,heads,head_dim"):
+        module.main(["--interpret", "--shapes", "2,32,2"])
