@@ -50,8 +50,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -62,7 +60,7 @@ import jax.numpy as jnp  # noqa: E402
 from kernels import AttentionConfig, KernelConfig, attention  # noqa: E402
 from kernels import auto as auto_table  # noqa: E402
 from kernels.config import padded_head_dim  # noqa: E402
-from kernels.tools.tile_sweep import write_json  # noqa: E402
+from kernels.tools.tile_sweep import rel_err as rel, write_json  # noqa: E402
 
 DEFAULT_SHAPES = "1,24,1024,128;1,24,4096,128;1,24,8192,128;1,1,16384,128;32,18,256,64;32,18,1024,64"
 FLOP_FACTOR = {"jvp_fwd": 12, "jvp_fwd_bwd": 36, "plain_fwd_bwd": 12, "plain_fwd": 4}
@@ -220,12 +218,6 @@ def tflops(kind, shape, ms):
         return None
     b, h, s, d = shape
     return FLOP_FACTOR[kind] * b * h * s * s * d / (ms * 1e-3) / 1e12
-
-
-def rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def correctness(pallas, xla, args, cudnn=None):

@@ -22,22 +22,16 @@ if ROOT not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from kernels import AttentionConfig, KernelConfig, attention, attention_qkv, attention_xla  # noqa: E402
 from kernels import flash as flash_mod  # noqa: E402
 from kernels.config import default_config  # noqa: E402
-from kernels.tools.tile_sweep import finish_report, parse_tiles, start_report, sweep_parser, time_ms  # noqa: E402
+from kernels.tools.tile_sweep import finish_report, parse_tiles, rel_err, start_report, sweep_parser, time_ms  # noqa: E402
 
 DEFAULT_TILES = ("64,64,4,3;128,64,4,3;128,64,8,3;128,128,8,2;128,32,4,3;64,128,4,3;256,64,8,3;"
                  "256,64,8,2;256,128,8,2")
 DEFAULT_SHAPES = "256,256,18,64;64,256,18,64;32,256,18,64;16,1024,18,64"
 EPS = 1e-6
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def inputs(shape, seed: int = 0):

@@ -697,21 +697,18 @@ def split_qkv(qkv, bias, wq, wk, pro: QKVPrologue):
     return q, k, v
 
 
-def _qkv_forward(qkv, bias, wq, wk, st, pro):
-    return fwd_qkv_call(qkv, st, bias, wq, wk, pro)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def flash_qkv(qkv, bias, wq, wk, st: Static, pro: QKVPrologue):
     """Plain flash attention of a padded (B, S, 3, H, D) qkv array after its prologue (bias,
-    q/k norms: one Pallas pass; with neither, q, k, v are read in place). Reverse-differentiable
+    q/k norms), which the forward kernel applies to each tile it reads in place
+    (:func:`fwd_qkv_call`). Reverse-differentiable
     in qkv, bias and both norm weights: the backward recomputes the prologue (XLA) and runs the
     plain backward kernels."""
-    return _qkv_forward(qkv, bias, wq, wk, st, pro)[0]
+    return fwd_qkv_call(qkv, st, bias, wq, wk, pro)[0]
 
 
 def _flash_qkv_fwd(qkv, bias, wq, wk, st, pro):
-    o, lse = _saveable(*_qkv_forward(qkv, bias, wq, wk, st, pro))
+    o, lse = _saveable(*fwd_qkv_call(qkv, st, bias, wq, wk, pro))
     return o, (qkv, bias, wq, wk, o, lse)
 
 

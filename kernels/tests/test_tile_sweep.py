@@ -12,6 +12,15 @@ from kernels.tools.tile_sweep import best_tiles, max_ulps, parse_tiles, sweep_ti
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _bench(script: str):
+    """The module ``bench/<script>.py`` (bench is not a package on the path)."""
+    sys.path.insert(0, ROOT)
+    try:
+        return __import__(f"bench.{script}", fromlist=["main"])
+    finally:
+        sys.path.remove(ROOT)
+
+
 def test_ulps_best_tiles_and_parsing():
     exact = np.array([1.0, 3.0, 1e-5])
     assert max_ulps(exact + np.array([2 ** -7, 0, 1.0]), exact) == 1.0  # the tiny element is ignored
@@ -41,11 +50,7 @@ def test_a_candidate_with_wrong_values_counts_as_failed():
     ("norm_tangent", ["--shapes", "2,8", "--width", "96", "--tiles", "4,4,0;8,2,1"]),
 ])
 def test_sweep_scripts_run_in_the_interpreter(tmp_path, script, argv):
-    sys.path.insert(0, ROOT)
-    try:
-        module = __import__(f"bench.{script}", fromlist=["main"])
-    finally:
-        sys.path.remove(ROOT)
+    module = _bench(script)
     out = tmp_path / "r.json"
     report = module.main(argv + ["--interpret", "--iters", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -56,11 +61,7 @@ def test_sweep_scripts_run_in_the_interpreter(tmp_path, script, argv):
 def test_matmul_probe_refuses_bad_shapes_and_a_cpu():
     """bench/matmul_probe.py times Mosaic GPU kernels (no interpreter): on this CPU it must stop
     with a message, not a traceback; a malformed --shape is named."""
-    sys.path.insert(0, ROOT)
-    try:
-        module = __import__("bench.matmul_probe", fromlist=["main"])
-    finally:
-        sys.path.remove(ROOT)
+    module = _bench("matmul_probe")
     with pytest.raises(SystemExit, match="--shape: expected M,K,N"):
         module.main(["--shape", "256,64"])
     with pytest.raises(SystemExit, match="no GPU"):
@@ -71,11 +72,7 @@ def test_jvp_matmul_pairs_probe_checks_and_records_every_role(tmp_path):
     """bench/jvp_matmul_pairs.py: on the CPU at a few tokens, each linear's forward, input-gradient
     and weight-gradient matmuls as a pair and stacked, each stacked result checked against the
     pair's; a token count that is not positive is refused."""
-    sys.path.insert(0, ROOT)
-    try:
-        module = __import__("bench.jvp_matmul_pairs", fromlist=["main"])
-    finally:
-        sys.path.remove(ROOT)
+    module = _bench("jvp_matmul_pairs")
     out = tmp_path / "pairs.json"
     module.main(["--tokens", "16", "--iters", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -93,11 +90,7 @@ def test_qkv_prologue_probe_checks_every_tile_against_float32(tmp_path):
     of the fused forward checked against float32 attention before timing (a tile that fails to
     run is recorded as failed, not dropped), the best tile over the shapes; malformed shapes and
     tiles are refused with a message."""
-    sys.path.insert(0, ROOT)
-    try:
-        module = __import__("bench.qkv_prologue", fromlist=["main"])
-    finally:
-        sys.path.remove(ROOT)
+    module = _bench("qkv_prologue")
     out = tmp_path / "qkv.json"
     report = module.main(["--interpret", "--iters", "1", "--shapes", "2,32,2,64;1,64,1,64",
                           "--tiles", "16,16,4,3;32,16,4,3;8,16,4,3", "--out", str(out)])

@@ -79,6 +79,13 @@ def max_ulps(got, exact, dtype=jnp.bfloat16) -> float:
     return float(np.max(np.abs(got[keep] - exact[keep]) / ulp))
 
 
+def rel_err(got, want) -> float:
+    """||got - want|| / ||want|| over all elements, in float64 (any float dtype, bf16 included)."""
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
 def sweep_tiles(make_fn, args, exact, tiles, iters: int, nbytes: int):
     """Rows ``{tiles, ms, tb_per_s, max_ulps}`` (or ``{tiles, ms: None, error}``) for each
     candidate, ``make_fn(tiles)`` giving the jitted kernel call; a candidate more than one bf16
