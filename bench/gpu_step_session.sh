@@ -199,6 +199,10 @@
 #                                      # first, and carry main as .baseline/base.tgz)
 #   bash bench/gpu_step_session.sh z45 # the headline command on one GPU each at the same time: GPU0 the fused
 #                                      # qkv prologue | GPU1 main before it (.baseline/base.tgz)
+#   bash bench/gpu_step_session.sh z46 # jvp_dq="matmul" (dq, dtq of the tangent backward from dS written by the kv
+#                                      # kernel, as XLA matmuls): GPU0 bench/attention.py jvp_fwd_bwd at five
+#                                      # shapes, kernel then matmul; the 256px step before / with matmul at head
+#                                      # dim 64 | GPU1 the native tangent tests (both choices), the step with / before
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -972,6 +976,31 @@ PY
     run_recipe 0 430 recipe_in256_h200_fused_prologue configs/in256.py 6
     wait
     tail -n 2 /tmp/log_recipe_in256_h200_*fused_prologue.txt | cut -c1-600 ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45" >&2; exit 2 ;;
+  z46)
+    unpack_base || exit 1
+    rm -rf /tmp/mm && mkdir -p /tmp/mm && cp -r bench configs kernels tests tvm_jax pyproject.toml /tmp/mm/ || exit 1
+    python3 - <<'PY' || exit 1
+p = "/tmp/mm/kernels/config.py"; s = open(p).read(); i = s.index('jvp_dq="kernel"')
+open(p, "w").write(s[:i] + 'jvp_dq="matmul"' + s[i + len('jvp_dq="kernel"'):])
+PY
+    PYTHONPATH=/tmp/mm:/tmp/site python3 -c "from kernels.config import default_config as d; assert d(64).jvp_dq == 'matmul' and d(128).jvp_dq == 'kernel'" || exit 1
+    log "jvp_dq=matmul: GPU0 attention bench (kernel, matmul), 256px step before / matmul at hd64 | GPU1 native tangent tests, step matmul / before"
+    echo '{"jvp_dq": "matmul"}' > /tmp/mm.json
+    (CUDA_VISIBLE_DEVICES=1 timeout 170 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k "native_tangent or grad_of_jvp" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_jvp_dq.log" 2>&1
+     run_tree 1 /tmp/mm 170 train_step_h200_jvp_dq_matmul_gpu1 --variants default
+     run_tree 1 /tmp/base 170 train_step_h200_before_jvp_dq_gpu1 --variants default) &
+    shapes="32,18,256,64;32,18,1024,64;1,24,4096,128;1,24,1024,128;1,24,8192,128"
+    for c in kernel matmul; do
+      cfg=(); [ $c = matmul ] && cfg=(--config /tmp/mm.json)
+      CUDA_VISIBLE_DEVICES=0 timeout 100 python3 bench/attention.py --shapes "$shapes" --no-xla --no-cudnn --kinds jvp_fwd,jvp_fwd_bwd \
+          "${cfg[@]}" --out "$OUT/attention_h200_jvp_dq_$c.json" > "/tmp/log_attention_jvp_dq_$c.txt" 2>&1
+    done
+    run_tree 0 /tmp/base 170 train_step_h200_before_jvp_dq_gpu0 --variants default
+    run_tree 0 /tmp/mm 170 train_step_h200_jvp_dq_matmul_gpu0 --variants default
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_jvp_dq.log"
+    for f in /tmp/log_*jvp_dq*.txt; do echo "--- $f"; tail -n 14 "$f" | cut -c1-300; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46" >&2; exit 2 ;;
 esac
 log done

@@ -17,6 +17,14 @@ fwd_qkv       plain forward of a qkv projection read in place, its        grid o
               prologue (bias, q/k norms) applied to each tile it loads
 ============  ==========================================================  =========================
 
+One more field is a choice, not tiles: ``jvp_dq`` says how the tangent backward makes dq and
+dtq. ``"kernel"``: the ``jvp_bwd_q`` kernel recomputes the probabilities, the tangent logits and
+dP per (query block, key block), 9 of the backward's 21 S^2 D matmul units. ``"matmul"``:
+``jvp_bwd_kv``, which computes dS and dtS anyway, also writes them (rounded to the input dtype,
+as both kernels round them before their matmuls), and dq, dtq are three batched XLA matmuls
+(cuBLAS on a GPU), 3 units; the price is 2 * B * H * Sk * Sq elements of transient memory, so the
+tangent backward is no longer linear in the sequence length.
+
 A field left ``None`` takes the default for the (padded) head dimension from
 :func:`default_config`. Block sizes must be powers of two >= 16 (Triton's ``tl.dot``
 needs every matmul dimension >= 16). Inside :func:`kernels.attention` each block size is
@@ -54,6 +62,7 @@ from typing import Optional
 
 _VALID_WARPS = (1, 2, 4, 8, 16)
 KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q", "fwd_qkv")
+JVP_DQ_CHOICES = ("kernel", "matmul")
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16
 
@@ -109,6 +118,7 @@ class AttentionConfig:
     jvp_bwd_kv: Optional[KernelConfig] = None
     jvp_bwd_q: Optional[KernelConfig] = None
     fwd_qkv: Optional[KernelConfig] = None
+    jvp_dq: Optional[str] = None  # "kernel" | "matmul" (module docstring); None = default
 
     def __post_init__(self):
         for name in KERNEL_NAMES:
@@ -117,6 +127,8 @@ class AttentionConfig:
                 raise ValueError(
                     f"AttentionConfig.{name} must be a KernelConfig or None, got {type(val).__name__}"
                 )
+        if self.jvp_dq is not None and self.jvp_dq not in JVP_DQ_CHOICES:
+            raise ValueError(f"AttentionConfig.jvp_dq must be one of {JVP_DQ_CHOICES} or None, got {self.jvp_dq!r}")
 
     @classmethod
     def uniform(cls, block_q: int, block_k: int, num_warps: int = 4, num_stages: int = 2) -> "AttentionConfig":
@@ -128,26 +140,30 @@ class AttentionConfig:
         """Fills every ``None`` field with the default for ``head_dim`` (and input ``dtype``)."""
         default = default_config(head_dim, dtype)
         return AttentionConfig(
-            **{name: getattr(self, name) or getattr(default, name) for name in KERNEL_NAMES}
+            **{name: getattr(self, name) or getattr(default, name) for name in KERNEL_NAMES},
+            jvp_dq=self.jvp_dq or default.jvp_dq,
         )
 
     def clamp(self, q_len: int, kv_len: int) -> "AttentionConfig":
         return AttentionConfig(
-            **{name: getattr(self, name).clamp(q_len, kv_len) for name in KERNEL_NAMES}
+            **{name: getattr(self, name).clamp(q_len, kv_len) for name in KERNEL_NAMES}, jvp_dq=self.jvp_dq
         )
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             name: (None if getattr(self, name) is None else getattr(self, name).to_dict())
             for name in KERNEL_NAMES
         }
+        d["jvp_dq"] = self.jvp_dq
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AttentionConfig":
-        unknown = set(d) - set(KERNEL_NAMES)
+        fields = KERNEL_NAMES + ("jvp_dq",)
+        unknown = set(d) - set(fields)
         if unknown:
-            raise ValueError(f"unknown AttentionConfig fields {sorted(unknown)}; expected {KERNEL_NAMES}")
-        return cls(**{k: (None if v is None else KernelConfig(**v)) for k, v in d.items()})
+            raise ValueError(f"unknown AttentionConfig fields {sorted(unknown)}; expected {fields}")
+        return cls(**{k: (v if k == "jvp_dq" or v is None else KernelConfig(**v)) for k, v in d.items()})
 
 
 def _kc(bq, bk, w, s):
@@ -172,6 +188,7 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(32, 64, 4, 2),
         jvp_bwd_q=_kc(64, 64, 4, 2),
         fwd_qkv=_kc(256, 64, 8, 3),  # bench/qkv_prologue.py: the best summed time over the DiT's shapes
+        jvp_dq="kernel",
     ),
     128: AttentionConfig(  # the best of `bench/attention.py --sweep` at (1, 24, 4096, 128) on an H200
         fwd=_kc(128, 64, 8, 3),  # (bench/results/attention_sweep_h200.json): 24.1 -> 8.7 ms fwd+tangent+bwd
@@ -181,6 +198,8 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(64, 32, 8, 3),
         jvp_bwd_q=_kc(128, 32, 8, 3),
         fwd_qkv=_kc(128, 64, 8, 3),  # the plain forward's tiles
+
+        jvp_dq="kernel",
     ),
     256: AttentionConfig(
         fwd=_kc(64, 32, 8, 2),
@@ -190,6 +209,8 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(16, 32, 8, 2),
         jvp_bwd_q=_kc(32, 16, 8, 2),
         fwd_qkv=_kc(64, 32, 8, 2),  # the plain forward's tiles
+
+        jvp_dq="kernel",
     ),
 }
 
@@ -212,6 +233,8 @@ _DEFAULTS_4BYTE = {
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(128, 32, 8, 2),
         fwd_qkv=_kc(128, 64, 4, 3),  # the plain forward's tiles
+
+        jvp_dq="kernel",
     ),
     128: AttentionConfig(
         fwd=_kc(128, 64, 8, 3),
@@ -221,6 +244,8 @@ _DEFAULTS_4BYTE = {
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(64, 32, 8, 2),
         fwd_qkv=_kc(64, 64, 8, 2),  # (128, 64, 8, 3) asked for 257 KiB of shared memory on an H200
+
+        jvp_dq="kernel",
     ),
 }
 

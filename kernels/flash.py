@@ -529,8 +529,12 @@ def jvp_fwd_call(q, k, v, tq, tk, tv, st: Static):
 def _jvp_bwd_kv_kernel(
     q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
     lse_ref, mu_ref, delta_ref, nu_ref,
-    dk_ref, dv_ref, dtk_ref, dtv_ref, *, st, kc,
+    dk_ref, dv_ref, dtk_ref, dtv_ref, *ds_refs, st, kc, mask_keys,
 ):  # fmt: skip
+    """dk, dv, dtk, dtv of one key block; with ``ds_refs`` (``jvp_dq="matmul"``) also that block's
+    rows of dS and dtS, transposed (keys, queries) and rounded as the matmuls below use them.
+    ``mask_keys``: the arrays hold padded keys; their dS rows are written as zeros (their
+    probabilities are not masked here and may overflow; dk of padded keys is dropped anyway)."""
     bq, bk = kc.block_q, kc.block_k
     k = k_ref[...]
     v = v_ref[...]
@@ -538,6 +542,8 @@ def _jvp_bwd_kv_kernel(
     tv = tv_ref[...]
     dt = k.dtype
     dim = k.shape[-1]
+    if mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs it there)
+        real = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32) < st.kv_len)[:, None]
 
     def body(i, carry):
         dk, dv, dtk, dtv = carry
@@ -562,9 +568,14 @@ def _jvp_bwd_kv_kernel(
         pc = p.astype(dt)
         dv = dv + _mm(pc, do, st) + _mm(tp.astype(dt), dto, st)
         dtv = dtv + _mm(pc, dto, st)
-        dtsc = dts.astype(dt)
-        dk = dk + _mm(ds.astype(dt), q, st) + _mm(dtsc, tq, st)
+        dsc, dtsc = ds.astype(dt), dts.astype(dt)
+        dk = dk + _mm(dsc, q, st) + _mm(dtsc, tq, st)
         dtk = dtk + _mm(dtsc, q, st)
+        if ds_refs:
+            if mask_keys:
+                dsc, dtsc = jnp.where(real, dsc, 0), jnp.where(real, dtsc, 0)
+            ds_refs[0][:, qs] = dsc
+            ds_refs[1][:, qs] = dtsc
         return dk, dv, dtk, dtv
 
     zeros = jnp.zeros((bk, dim), _F32)
@@ -619,6 +630,19 @@ def _jvp_bwd_q_kernel(
     dtq_ref[...] = (dtq * st.scale).astype(dtq_ref.dtype)
 
 
+def _dq_from_ds(ds, dts, k, tk, sq: int, st: Static):
+    """dq = (dS k + dtS tk) * scale and dtq = dtS k * scale from the (B, H, Sk, Sq') transposed dS
+    and dtS that ``jvp_bwd_kv`` wrote (``jvp_dq="matmul"``): batched XLA matmuls, fp32
+    accumulation, then rows Sq'..Sq (padding past the last written query block) as zeros."""
+    def mm(a, b):
+        return jnp.einsum("bhkq,bkhd->bqhd", a, b, precision=st.precision, preferred_element_type=_F32)
+
+    pad = ((0, 0), (0, sq - ds.shape[-1]), (0, 0), (0, 0))
+    dq = mm(ds, k) + mm(dts, tk)
+    dtq = mm(dts, k)
+    return tuple(jnp.pad((x * st.scale).astype(k.dtype), pad) for x in (dq, dtq))
+
+
 def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     """Backward of (o, t_o). Returns (dq, dk, dv, dtq, dtk, dtv)."""
     b, sq, h, d = q.shape
@@ -631,16 +655,25 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     q_all = _all_rows_spec(sq, d)
     k_blk = _rows_spec(kc.block_k, d)
     stat_all = _all_stat_spec(sq)
-    dk, dv, dtk, dtv = pl.pallas_call(
-        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc),
+    by_matmul = st.cfg.jvp_dq == "matmul"
+    # dS columns the kernel writes: its query blocks up to the true length (rows past it stay 0-padded).
+    wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
+    ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
+    ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
+    outs = pl.pallas_call(
+        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, mask_keys=sk != st.kv_len),
         grid=(sk // kc.block_k, b, h),
         in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
-        out_specs=[k_blk] * 4,
-        out_shape=[_like(k)] * 4,
+        out_specs=[k_blk] * 4 + [ds_blk] * 2 * by_matmul,
+        out_shape=[_like(k)] * 4 + [ds_like] * 2 * by_matmul,
         compiler_params=_params(kc),
         interpret=st.interpret,
         name="tvm_flash_jvp_bwd_kv",
     )(*args)
+    dk, dv, dtk, dtv = outs[:4]
+    if by_matmul:
+        dq, dtq = _dq_from_ds(*outs[4:], k, tk, sq, st)
+        return dq, dk, dv, dtq, dtk, dtv
 
     kc = st.cfg.jvp_bwd_q
     q_blk = _rows_spec(kc.block_q, d)

@@ -82,6 +82,17 @@ def test_all_kernels_lower_to_triton(dim, seq):
 
     _check(_lower(tan_vjp, *(sd,) * 8), ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"], dim)
 
+    # jvp_dq="matmul": the kv kernel writes dS and dtS and dq, dtq are XLA dots; no jvp_bwd_q.
+    mm = AttentionConfig(jvp_dq="matmul")
+
+    def tan_vjp_mm(q, k, v, tq, tk, tv, do, dto):
+        _, vjp = jax.vjp(lambda *a: flash_with_tangent(*a, interpret=False, block_sizes=mm), q, k, v, tq, tk, tv)
+        return vjp((do, dto))
+
+    text = _lower(tan_vjp_mm, *(sd,) * 8)
+    _check(text, ["jvp_fwd", "jvp_bwd_kv"], dim)
+    assert "stablehlo.dot_general" in text
+
     def loss(q, k, v, tq, tk, tv):
         o, to = jax.jvp(lambda a, b, c: attention(a, b, c, jvp=True, **KW), (q, k, v), (tq, tk, tv))
         return _f32sum(o) + _f32sum(to * to)

@@ -98,10 +98,18 @@ def test_plain_forward_and_grads(case):
         assert_close(name, g, gr, tol["grad"])
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_tangent_forward_and_all_cotangents(case):
+def _with_dq(cfg, dq: str):
+    return dataclasses.replace(cfg or AttentionConfig(), jvp_dq=dq)
+
+
+# jvp_dq="matmul" on the cases with ragged lengths, cross-attention, padded head dims and every dtype.
+DQ_CASES = [(c, "kernel") for c in CASES] + [(CASES[i], "matmul") for i in (0, 1, 4, 5, 6)]
+
+
+@pytest.mark.parametrize("case,dq", DQ_CASES, ids=lambda x: str(x))
+def test_tangent_forward_and_all_cotangents(case, dq):
     q, k, v, tq, tk, tv, do, dto = _inputs(case, 5, salt=1)
-    kw = dict(interpret=True, block_sizes=case.cfg, scale=case.scale)
+    kw = dict(interpret=True, block_sizes=_with_dq(case.cfg, dq), scale=case.scale)
 
     @jax.jit
     def run(q, k, v, tq, tk, tv, do, dto):
@@ -168,8 +176,35 @@ def test_kernels_write_every_output_element():
     outs += [o, to, lse, mu]
     outs += list(flash_mod.bwd_call(q, k, v, outs[0], outs[1], do, st))
     outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st))
+    # jvp_dq="matmul": dS and dtS come from the kv kernel, so its every element must be written too.
+    st_mm = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, jvp_dq="matmul"))
+    outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st_mm))
     for i, x in enumerate(outs):
         assert np.all(np.isfinite(np.asarray(x))), f"output {i} has unwritten (NaN) elements"
+
+
+@pytest.mark.parametrize("dq", ["kernel", "matmul"])
+def test_tangent_backward_with_overflowing_padded_keys(dq):
+    """Real logits near -300 (base 2) put the row log-sum-exp there, so a zero-padded key's
+    probability 2**(0 - lse) overflows to inf in the kv kernel, which does not mask keys.
+    With jvp_dq="matmul" those keys' dS rows feed dq: they must be written as zeros."""
+    b, sq, sk, h, d = 1, 24, 40, 1, 32  # 40 keys pad to 48 with 16-key blocks
+    u = jnp.ones((d,), jnp.float32) / np.sqrt(d)
+    rows = lambda n, c, key: (c * u + 0.01 * jax.random.normal(key, (n, d)))[None, :, None, :]
+    keys = jax.random.split(jax.random.PRNGKey(3), 8)
+    # q.k ~ -300, times 0.5 * log2(e): base-2 logits near -216, below exp2's float32 range of -128.
+    # The size sits in q, so k's rows (what dq sums) stay small and the sums do not cancel badly.
+    q, k = rows(sq, 150.0, keys[0]), rows(sk, -2.0, keys[1])
+    v, tq, tk, tv = (0.1 * jax.random.normal(kk, x.shape) for kk, x in zip(keys[2:], (k, q, k, k)))
+    do, dto = (jax.random.normal(kk, q.shape) for kk in keys[6:])
+    cfg = dataclasses.replace(AttentionConfig.uniform(16, 16), jvp_dq=dq)
+    out, vjp = jax.vjp(lambda *a: flash_with_tangent(*a, interpret=True, block_sizes=cfg, scale=0.5),
+                       q, k, v, tq, tk, tv)
+    grads = vjp((do, dto))
+    _, _, (ref,) = ref_tangent(q, k, v, tq, tk, tv, [(do, dto)], 0.5)
+    for name, g, gr in zip(("dq", "dk", "dv", "dtq", "dtk", "dtv"), grads, ref):
+        assert np.all(np.isfinite(np.asarray(g))), f"{name} is not finite"
+        assert_close(name, g, gr, 1e-4)
 
 
 def test_padding_is_skipped_when_aligned():
