@@ -983,7 +983,7 @@ PY
 p = "/tmp/mm/kernels/config.py"; s = open(p).read(); i = s.index('jvp_dq="kernel"')
 open(p, "w").write(s[:i] + 'jvp_dq="matmul"' + s[i + len('jvp_dq="kernel"'):])
 PY
-    PYTHONPATH=/tmp/mm:/tmp/site python3 -c "from kernels.config import default_config as d; assert d(64).jvp_dq == 'matmul' and d(128).jvp_dq == 'kernel'" || exit 1
+    (cd /tmp && PYTHONPATH=/tmp/mm:/tmp/site python3 -c "from kernels.config import default_config as d; assert d(64).jvp_dq == 'matmul' and d(128).jvp_dq == 'kernel'") || exit 1
     log "jvp_dq=matmul: GPU0 attention bench (kernel, matmul), 256px step before / matmul at hd64 | GPU1 native tangent tests, step matmul / before"
     echo '{"jvp_dq": "matmul"}' > /tmp/mm.json
     (CUDA_VISIBLE_DEVICES=1 timeout 170 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k "native_tangent or grad_of_jvp" \
