@@ -203,6 +203,9 @@
 #                                      # kernel, as XLA matmuls): GPU0 bench/attention.py jvp_fwd_bwd at five
 #                                      # shapes, kernel then matmul; the 256px step before / with matmul at head
 #                                      # dim 64 | GPU1 the native tangent tests (both choices), the step with / before
+#   bash bench/gpu_step_session.sh z47 # with jvp_dq="auto" the default at head dim 128: GPU0 bench/attention.py at the
+#                                      # five shapes (defaults), then the jvp_bwd_kv tiles swept with "matmul" at
+#                                      # (1, 24, 4096, 128) and (1, 24, 1024, 128) | GPU1 the native tangent tests
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -1001,6 +1004,20 @@ PY
     wait
     tail -n 3 "$OUT/pytest_gpu_h200_jvp_dq.log"
     for f in /tmp/log_*jvp_dq*.txt; do echo "--- $f"; tail -n 14 "$f" | cut -c1-300; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46" >&2; exit 2 ;;
+  z47)
+    log "jvp_dq=auto at head dim 128: GPU0 attention bench (defaults), jvp_bwd_kv sweep with matmul | GPU1 native tangent tests"
+    echo '{"jvp_dq": "matmul"}' > /tmp/mm.json
+    (CUDA_VISIBLE_DEVICES=1 timeout 420 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k "native_tangent or grad_of_jvp" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_jvp_dq.log" 2>&1) &
+    shapes="32,18,256,64;32,18,1024,64;1,24,4096,128;1,24,1024,128;1,24,8192,128"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/attention.py --shapes "$shapes" --no-xla --no-cudnn --kinds jvp_fwd,jvp_fwd_bwd \
+        --out "$OUT/attention_h200_jvp_dq_auto.json" > /tmp/log_attention_jvp_dq_auto.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 330 python3 bench/attention.py --shapes "1,24,4096,128;1,24,1024,128" --no-xla --no-cudnn \
+        --kinds jvp_fwd_bwd --config /tmp/mm.json --sweep --sweep-kernels jvp_bwd_kv \
+        --out "$OUT/attention_sweep_h200_jvp_dq_matmul.json" > /tmp/log_attention_sweep_jvp_dq_matmul.txt 2>&1
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_jvp_dq.log"
+    for f in /tmp/log_attention*jvp_dq*.txt; do echo "--- $f"; grep -v "^$" "$f" | tail -n 40 | cut -c1-200; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47" >&2; exit 2 ;;
 esac
 log done

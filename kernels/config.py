@@ -23,7 +23,12 @@ dP per (query block, key block), 9 of the backward's 21 S^2 D matmul units. ``"m
 ``jvp_bwd_kv``, which computes dS and dtS anyway, also writes them (rounded to the input dtype,
 as both kernels round them before their matmuls), and dq, dtq are three batched XLA matmuls
 (cuBLAS on a GPU), 3 units; the price is 2 * B * H * Sk * Sq elements of transient memory, so the
-tangent backward is no longer linear in the sequence length.
+tangent backward is no longer linear in the sequence length. ``"auto"`` (the default at head dim 128
+for 2-byte inputs) takes ``"matmul"`` where it measured faster and its memory stays bounded: both
+lengths at least ``JVP_DQ_AUTO_MIN_SEQ`` tokens and dS plus dtS at most ``JVP_DQ_AUTO_MAX_BYTES``
+(per device); see :func:`jvp_dq_choice`. On an H200 (``bench/NOTES.md``) "matmul" was faster at
+head dim 128 (1,024 to 8,192 tokens) and slower at head dim 64 (256 and 1,024 tokens), where
+head dims 16 to 64 keep ``"kernel"``.
 
 A field left ``None`` takes the default for the (padded) head dimension from
 :func:`default_config`. Block sizes must be powers of two >= 16 (Triton's ``tl.dot``
@@ -62,7 +67,9 @@ from typing import Optional
 
 _VALID_WARPS = (1, 2, 4, 8, 16)
 KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q", "fwd_qkv")
-JVP_DQ_CHOICES = ("kernel", "matmul")
+JVP_DQ_CHOICES = ("kernel", "matmul", "auto")
+JVP_DQ_AUTO_MIN_SEQ = 1024
+JVP_DQ_AUTO_MAX_BYTES = 2 << 30  # 2 GiB of dS and dtS per device
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16
 
@@ -118,7 +125,7 @@ class AttentionConfig:
     jvp_bwd_kv: Optional[KernelConfig] = None
     jvp_bwd_q: Optional[KernelConfig] = None
     fwd_qkv: Optional[KernelConfig] = None
-    jvp_dq: Optional[str] = None  # "kernel" | "matmul" (module docstring); None = default
+    jvp_dq: Optional[str] = None  # "kernel" | "matmul" | "auto" (module docstring); None = default
 
     def __post_init__(self):
         for name in KERNEL_NAMES:
@@ -198,8 +205,7 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(64, 32, 8, 3),
         jvp_bwd_q=_kc(128, 32, 8, 3),
         fwd_qkv=_kc(128, 64, 8, 3),  # the plain forward's tiles
-
-        jvp_dq="kernel",
+        jvp_dq="auto",  # bench/results/attention_h200_jvp_dq_*.json
     ),
     256: AttentionConfig(
         fwd=_kc(64, 32, 8, 2),
@@ -209,7 +215,6 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(16, 32, 8, 2),
         jvp_bwd_q=_kc(32, 16, 8, 2),
         fwd_qkv=_kc(64, 32, 8, 2),  # the plain forward's tiles
-
         jvp_dq="kernel",
     ),
 }
@@ -233,7 +238,6 @@ _DEFAULTS_4BYTE = {
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(128, 32, 8, 2),
         fwd_qkv=_kc(128, 64, 4, 3),  # the plain forward's tiles
-
         jvp_dq="kernel",
     ),
     128: AttentionConfig(
@@ -244,7 +248,6 @@ _DEFAULTS_4BYTE = {
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(64, 32, 8, 2),
         fwd_qkv=_kc(64, 64, 8, 2),  # (128, 64, 8, 3) asked for 257 KiB of shared memory on an H200
-
         jvp_dq="kernel",
     ),
 }
@@ -259,3 +262,16 @@ def default_config(head_dim: int, dtype=None) -> AttentionConfig:
     if dtype is not None and np.dtype(dtype).itemsize >= 4 and dp in _DEFAULTS_4BYTE:
         return _DEFAULTS_4BYTE[dp]
     return _DEFAULTS[dp]
+
+
+def jvp_dq_choice(choice: str, batch: int, heads: int, q_len: int, kv_len: int, itemsize: int) -> str:
+    """What ``jvp_dq`` runs for one call: ``"kernel"`` or ``"matmul"``; ``"auto"`` resolves to
+    ``"matmul"`` when both (padded) lengths are at least ``JVP_DQ_AUTO_MIN_SEQ`` and dS and dtS,
+    ``2 * batch * heads * q_len * kv_len * itemsize`` bytes, fit in ``JVP_DQ_AUTO_MAX_BYTES``."""
+    if choice not in JVP_DQ_CHOICES:
+        raise ValueError(f"jvp_dq must be one of {JVP_DQ_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    ds_bytes = 2 * batch * heads * q_len * kv_len * itemsize
+    fits = min(q_len, kv_len) >= JVP_DQ_AUTO_MIN_SEQ and ds_bytes <= JVP_DQ_AUTO_MAX_BYTES
+    return "matmul" if fits else "kernel"

@@ -49,7 +49,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.config import AttentionConfig, KernelConfig
+from kernels.config import AttentionConfig, KernelConfig, jvp_dq_choice
 from kernels.reference import qk_rms_norm
 
 _LOG2E = math.log2(math.e)
@@ -655,7 +655,7 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     q_all = _all_rows_spec(sq, d)
     k_blk = _rows_spec(kc.block_k, d)
     stat_all = _all_stat_spec(sq)
-    by_matmul = st.cfg.jvp_dq == "matmul"
+    by_matmul = jvp_dq_choice(st.cfg.jvp_dq, b, h, sq, sk, jnp.dtype(q.dtype).itemsize) == "matmul"
     # dS columns the kernel writes: its query blocks up to the true length (rows past it stay 0-padded).
     wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
     ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])

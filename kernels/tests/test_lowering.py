@@ -102,6 +102,19 @@ def test_all_kernels_lower_to_triton(dim, seq):
     _check(_lower(lambda q, k, v: attention(q, k, v, jvp=True, **KW), sd, sd, sd), ["fwd"], dim)
 
 
+@pytest.mark.parametrize("seq,expected", [(1024, ["jvp_fwd", "jvp_bwd_kv"]),
+                                          (512, ["jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q"])])
+def test_jvp_dq_auto_at_head_dim_128(seq, expected):
+    """The default at head dim 128 ("auto") drops the jvp_bwd_q kernel from 1,024 tokens on."""
+    sd = jax.ShapeDtypeStruct((1, seq, 4, 128), jnp.bfloat16)
+
+    def tan_vjp(q, k, v, tq, tk, tv, do, dto):
+        _, vjp = jax.vjp(lambda *a: flash_with_tangent(*a, interpret=False), q, k, v, tq, tk, tv)
+        return vjp((do, dto))
+
+    _check(_lower(tan_vjp, *(sd,) * 8), expected, 128)
+
+
 @pytest.mark.parametrize("dim,seq,dtype", [(64, 256, jnp.bfloat16), (48, 130, jnp.bfloat16), (64, 100, jnp.float32)])
 def test_qkv_kernels_lower_to_triton(dim, seq, dtype):
     """attention_qkv's plain path: the forward reads the 5-D qkv array through squeezed block
