@@ -206,6 +206,10 @@
 #   bash bench/gpu_step_session.sh z47 # with jvp_dq="auto" the default at head dim 128: GPU0 bench/attention.py at the
 #                                      # five shapes (defaults), then the jvp_bwd_kv tiles swept with "matmul" at
 #                                      # (1, 24, 4096, 128) and (1, 24, 1024, 128) | GPU1 the native tangent tests
+#   bash bench/gpu_step_session.sh z48 # jvp_dq="matmul_qk" (dq, dtq, dk, dtk all from dS matmuls): GPU0 bench/attention.py
+#                                      # at the five shapes, then jvp_bwd_kv swept with it at (1, 24, 4096 and 1024, 128)
+#                                      # | GPU1 its native tests, then head dim 128 with the kv tile 32 x 32, 4 warps,
+#                                      # under "matmul" and "kernel"
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -1018,6 +1022,28 @@ PY
     wait
     tail -n 3 "$OUT/pytest_gpu_h200_jvp_dq.log"
     for f in /tmp/log_attention*jvp_dq*.txt; do echo "--- $f"; grep -v "^$" "$f" | tail -n 40 | cut -c1-200; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47" >&2; exit 2 ;;
+  z48)
+    log "jvp_dq=matmul_qk: GPU0 attention bench, jvp_bwd_kv sweep | GPU1 native tests, kv tile 32x32 w4 under matmul and kernel"
+    echo '{"jvp_dq": "matmul_qk"}' > /tmp/mmqk.json
+    for c in matmul kernel; do
+      echo "{\"jvp_dq\": \"$c\", \"jvp_bwd_kv\": {\"block_q\": 32, \"block_k\": 32, \"num_warps\": 4, \"num_stages\": 2}}" > /tmp/kv32_$c.json
+    done
+    (CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k "matmul_qk" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_jvp_dq_matmul_qk.log" 2>&1
+     for c in matmul kernel; do
+       CUDA_VISIBLE_DEVICES=1 timeout 80 python3 bench/attention.py --shapes "1,24,4096,128;1,24,1024,128;1,24,8192,128" --no-xla \
+           --no-cudnn --kinds jvp_fwd_bwd --config /tmp/kv32_$c.json --out "$OUT/attention_h200_kv32w4_$c.json" \
+           > "/tmp/log_attention_kv32w4_$c.txt" 2>&1
+     done) &
+    CUDA_VISIBLE_DEVICES=0 timeout 100 python3 bench/attention.py --shapes "32,18,256,64;32,18,1024,64;1,24,4096,128;1,24,1024,128;1,24,8192,128" \
+        --no-xla --no-cudnn --kinds jvp_fwd,jvp_fwd_bwd --config /tmp/mmqk.json \
+        --out "$OUT/attention_h200_jvp_dq_matmul_qk.json" > /tmp/log_attention_jvp_dq_matmul_qk.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 250 python3 bench/attention.py --shapes "1,24,4096,128;1,24,1024,128" --no-xla --no-cudnn \
+        --kinds jvp_fwd_bwd --config /tmp/mmqk.json --sweep --sweep-kernels jvp_bwd_kv \
+        --out "$OUT/attention_sweep_h200_jvp_dq_matmul_qk.json" > /tmp/log_attention_sweep_jvp_dq_matmul_qk.txt 2>&1
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_jvp_dq_matmul_qk.log"
+    for f in /tmp/log_attention*.txt; do echo "--- $f"; grep -v "^$" "$f" | grep -v "best config" | tail -n 22 | cut -c1-160; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48" >&2; exit 2 ;;
 esac
 log done

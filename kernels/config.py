@@ -67,7 +67,7 @@ from typing import Optional
 
 _VALID_WARPS = (1, 2, 4, 8, 16)
 KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q", "fwd_qkv")
-JVP_DQ_CHOICES = ("kernel", "matmul", "auto")
+JVP_DQ_CHOICES = ("kernel", "matmul", "matmul_qk", "auto")
 JVP_DQ_AUTO_MIN_SEQ = 1024
 JVP_DQ_AUTO_MAX_BYTES = 2 << 30  # 2 GiB of dS and dtS per device
 MAX_HEAD_DIM = 256

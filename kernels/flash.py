@@ -528,11 +528,11 @@ def jvp_fwd_call(q, k, v, tq, tk, tv, st: Static):
 
 def _jvp_bwd_kv_kernel(
     q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
-    lse_ref, mu_ref, delta_ref, nu_ref,
-    dk_ref, dv_ref, dtk_ref, dtv_ref, *ds_refs, st, kc, mask_keys,
+    lse_ref, mu_ref, delta_ref, nu_ref, *out_refs, st, kc, write_ds, dk_here, mask_keys,
 ):  # fmt: skip
-    """dk, dv, dtk, dtv of one key block; with ``ds_refs`` (``jvp_dq="matmul"``) also that block's
-    rows of dS and dtS, transposed (keys, queries) and rounded as the matmuls below use them.
+    """One key block's dv and dtv; with ``dk_here`` also dk and dtk (outputs dk, dv, dtk, dtv,
+    else dv, dtv); with ``write_ds`` then that block's rows of dS and dtS, transposed (keys,
+    queries) and rounded as the matmuls below use them (``jvp_dq`` "matmul" and "matmul_qk").
     ``mask_keys``: the arrays hold padded keys; their dS rows are written as zeros (their
     probabilities are not masked here and may overflow; dk of padded keys is dropped anyway)."""
     bq, bk = kc.block_q, kc.block_k
@@ -544,9 +544,9 @@ def _jvp_bwd_kv_kernel(
     dim = k.shape[-1]
     if mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs it there)
         real = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32) < st.kv_len)[:, None]
+    ds_refs = out_refs[-2:] if write_ds else ()
 
-    def body(i, carry):
-        dk, dv, dtk, dtv = carry
+    def body(i, carry_in):
         qs = pl.ds(_start(i, bq), bq)
         q = q_ref[qs, :]
         tq = tq_ref[qs, :]
@@ -566,25 +566,30 @@ def _jvp_bwd_kv_kernel(
         ds = p * (dp + dtp * tsc - nu * ts - delta)
         dts = p * (dtp - nu)
         pc = p.astype(dt)
-        dv = dv + _mm(pc, do, st) + _mm(tp.astype(dt), dto, st)
-        dtv = dtv + _mm(pc, dto, st)
+        dv = carry_in[0] + _mm(pc, do, st) + _mm(tp.astype(dt), dto, st)
+        dtv = carry_in[1] + _mm(pc, dto, st)
         dsc, dtsc = ds.astype(dt), dts.astype(dt)
-        dk = dk + _mm(dsc, q, st) + _mm(dtsc, tq, st)
-        dtk = dtk + _mm(dtsc, q, st)
+        carry = (dv, dtv)
+        if dk_here:
+            carry += (carry_in[2] + _mm(dsc, q, st) + _mm(dtsc, tq, st), carry_in[3] + _mm(dtsc, q, st))
         if ds_refs:
             if mask_keys:
                 dsc, dtsc = jnp.where(real, dsc, 0), jnp.where(real, dtsc, 0)
             ds_refs[0][:, qs] = dsc
             ds_refs[1][:, qs] = dtsc
-        return dk, dv, dtk, dtv
+        return carry
 
     zeros = jnp.zeros((bk, dim), _F32)
     n_q = pl.cdiv(st.q_len, bq)
-    dk, dv, dtk, dtv = lax.fori_loop(0, n_q, body, (zeros, zeros, zeros, zeros))
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    dtk_ref[...] = (dtk * st.scale).astype(dtk_ref.dtype)
-    dtv_ref[...] = dtv.astype(dtv_ref.dtype)
+    acc = lax.fori_loop(0, n_q, body, (zeros,) * (4 if dk_here else 2))
+    if dk_here:
+        dk_ref, dv_ref, dtk_ref, dtv_ref = out_refs[:4]
+        dk_ref[...] = (acc[2] * st.scale).astype(dk_ref.dtype)
+        dtk_ref[...] = (acc[3] * st.scale).astype(dtk_ref.dtype)
+    else:
+        dv_ref, dtv_ref = out_refs[:2]
+    dv_ref[...] = acc[0].astype(dv_ref.dtype)
+    dtv_ref[...] = acc[1].astype(dtv_ref.dtype)
 
 
 def _jvp_bwd_q_kernel(
@@ -643,6 +648,18 @@ def _dq_from_ds(ds, dts, k, tk, sq: int, st: Static):
     return tuple(jnp.pad((x * st.scale).astype(k.dtype), pad) for x in (dq, dtq))
 
 
+def _dk_from_ds(ds, dts, q, tq, st: Static):
+    """dk = (dS^T q + dtS^T tq) * scale and dtk = dtS^T q * scale (``jvp_dq="matmul_qk"``), over the
+    query rows dS was written for."""
+    wq = ds.shape[-1]
+    q, tq = q[:, :wq], tq[:, :wq]
+
+    def mm(a, b):
+        return jnp.einsum("bhkq,bqhd->bkhd", a, b, precision=st.precision, preferred_element_type=_F32)
+
+    return tuple((x * st.scale).astype(q.dtype) for x in (mm(ds, q) + mm(dts, tq), mm(dts, q)))
+
+
 def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     """Backward of (o, t_o). Returns (dq, dk, dv, dtq, dtk, dtv)."""
     b, sq, h, d = q.shape
@@ -655,23 +672,31 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     q_all = _all_rows_spec(sq, d)
     k_blk = _rows_spec(kc.block_k, d)
     stat_all = _all_stat_spec(sq)
-    by_matmul = jvp_dq_choice(st.cfg.jvp_dq, b, h, sq, sk, jnp.dtype(q.dtype).itemsize) == "matmul"
+    mode = jvp_dq_choice(st.cfg.jvp_dq, b, h, sq, sk, jnp.dtype(q.dtype).itemsize)
+    write_ds, dk_here = mode != "kernel", mode != "matmul_qk"
     # dS columns the kernel writes: its query blocks up to the true length (rows past it stay 0-padded).
     wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
     ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
     ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
+    n_kv = 4 if dk_here else 2
     outs = pl.pallas_call(
-        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, mask_keys=sk != st.kv_len),
+        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, write_ds=write_ds, dk_here=dk_here,
+                          mask_keys=sk != st.kv_len),
         grid=(sk // kc.block_k, b, h),
         in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
-        out_specs=[k_blk] * 4 + [ds_blk] * 2 * by_matmul,
-        out_shape=[_like(k)] * 4 + [ds_like] * 2 * by_matmul,
+        out_specs=[k_blk] * n_kv + [ds_blk] * 2 * write_ds,
+        out_shape=[_like(k)] * n_kv + [ds_like] * 2 * write_ds,
         compiler_params=_params(kc),
         interpret=st.interpret,
         name="tvm_flash_jvp_bwd_kv",
     )(*args)
+    if mode == "matmul_qk":
+        dv, dtv, ds, dts = outs
+        dq, dtq = _dq_from_ds(ds, dts, k, tk, sq, st)
+        dk, dtk = _dk_from_ds(ds, dts, q, tq, st)
+        return dq, dk, dv, dtq, dtk, dtv
     dk, dv, dtk, dtv = outs[:4]
-    if by_matmul:
+    if mode == "matmul":
         dq, dtq = _dq_from_ds(*outs[4:], k, tk, sq, st)
         return dq, dk, dv, dtq, dtk, dtv
 

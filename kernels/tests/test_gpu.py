@@ -57,7 +57,7 @@ def test_native_plain(shape, dtype):
         assert_close(name, g, gr, TOL[dtype])
 
 
-@pytest.mark.parametrize("dq", ["kernel", "matmul"])
+@pytest.mark.parametrize("dq", ["kernel", "matmul", "matmul_qk"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_native_tangent(shape, dtype, dq):
@@ -89,7 +89,7 @@ def test_native_tangent(shape, dtype, dq):
                 assert_close(name, g, gr, TOL[dtype])
 
 
-@pytest.mark.parametrize("dq", ["kernel", "matmul"])
+@pytest.mark.parametrize("dq", ["kernel", "matmul", "matmul_qk"])
 @pytest.mark.parametrize("shape", [(32, 256, 18, 64), (4, 1024, 18, 64)], ids=_id)
 def test_native_grad_of_jvp_dit_shapes(shape, dq):
     q, k, v, tq, tk, tv, do, dto = randn(7, [shape] * 8, jnp.bfloat16)

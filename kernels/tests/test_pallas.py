@@ -103,7 +103,8 @@ def _with_dq(cfg, dq: str):
 
 
 # jvp_dq="matmul" on the cases with ragged lengths, cross-attention, padded head dims and every dtype.
-DQ_CASES = [(c, "kernel") for c in CASES] + [(CASES[i], "matmul") for i in (0, 1, 4, 5, 6)]
+DQ_CASES = ([(c, "kernel") for c in CASES] + [(CASES[i], "matmul") for i in (0, 1, 4, 5, 6)]
+            + [(CASES[i], "matmul_qk") for i in (0, 1, 4, 5, 6)])
 
 
 @pytest.mark.parametrize("case,dq", DQ_CASES, ids=lambda x: str(x))
@@ -177,13 +178,14 @@ def test_kernels_write_every_output_element():
     outs += list(flash_mod.bwd_call(q, k, v, outs[0], outs[1], do, st))
     outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st))
     # jvp_dq="matmul": dS and dtS come from the kv kernel, so its every element must be written too.
-    st_mm = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, jvp_dq="matmul"))
-    outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st_mm))
+    for mode in ("matmul", "matmul_qk"):
+        st_mm = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, jvp_dq=mode))
+        outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st_mm))
     for i, x in enumerate(outs):
         assert np.all(np.isfinite(np.asarray(x))), f"output {i} has unwritten (NaN) elements"
 
 
-@pytest.mark.parametrize("dq", ["kernel", "matmul"])
+@pytest.mark.parametrize("dq", ["kernel", "matmul", "matmul_qk"])
 def test_tangent_backward_with_overflowing_padded_keys(dq):
     """Real logits near -300 (base 2) put the row log-sum-exp there, so a zero-padded key's
     probability 2**(0 - lse) overflows to inf in the kv kernel, which does not mask keys.
