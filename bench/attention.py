@@ -83,9 +83,12 @@ SWEEP = {
                     (128, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2), (128, 16, 8, 2)],
         "jvp_bwd_kv": [(32, 64, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2),
                        (128, 16, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 8, 3), (32, 64, 8, 3),
-                       (32, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)],
+                       (32, 32, 4, 2), (64, 32, 4, 3)],
         "jvp_bwd_q": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2),
                       (128, 16, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3)],
+        # jvp_bwd_impl="matmul"'s kernel: no dk, dtk accumulators, so 128-key (wgmma) tiles fit.
+        "jvp_bwd_v": [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (16, 128, 8, 2), (16, 128, 8, 3),
+                      (32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 3), (16, 256, 8, 2)],
     },
     64: {
         "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (128, 64, 4, 4), (128, 128, 8, 3),
@@ -102,6 +105,8 @@ SWEEP = {
                        (128, 64, 8, 2)],
         "jvp_bwd_q": [(128, 32, 8, 2), (128, 32, 8, 3), (128, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
                       (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2), (64, 32, 4, 3), (128, 16, 8, 2)],
+        "jvp_bwd_v": [(32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2),
+                      (16, 128, 4, 2)],
     },
 }  # fmt: skip
 SWEEP_MEASURE = {
@@ -111,7 +116,10 @@ SWEEP_MEASURE = {
     "jvp_fwd": "jvp_fwd",
     "jvp_bwd_kv": "jvp_fwd_bwd",
     "jvp_bwd_q": "jvp_fwd_bwd",
+    "jvp_bwd_v": "jvp_fwd_bwd",
 }
+# The tangent backward's kernels run under one jvp_bwd_impl each: a sweep of one sets it.
+SWEEP_IMPL = {"jvp_bwd_kv": "kernels", "jvp_bwd_q": "kernels", "jvp_bwd_v": "matmul"}
 
 
 def parse_shapes(text):
@@ -297,7 +305,8 @@ def sweep_shape(shape, base_cfg, arg_sets, iters, interpret, kernels):
         rows = []
         for bq, bk, w, st in candidates[name]:
             kc = KernelConfig(bq, bk, w, st)
-            cfg = dataclasses.replace(base_cfg, **{name: kc})
+            impl = {"jvp_bwd_impl": SWEEP_IMPL[name]} if name in SWEEP_IMPL else {}
+            cfg = dataclasses.replace(base_cfg, **{name: kc}, **impl)
             fns = make_fns("pallas", scale, cfg, interpret)
             try:
                 ms = time_ms(compile_fn(fns[kind], arg_sets[0]), arg_sets, iters)

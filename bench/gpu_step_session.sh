@@ -210,6 +210,10 @@
 #                                      # at the five shapes, then jvp_bwd_kv swept with it at (1, 24, 4096 and 1024, 128)
 #                                      # | GPU1 its native tests, then head dim 128 with the kv tile 32 x 32, 4 warps,
 #                                      # under "matmul" and "kernel"
+#   bash bench/gpu_step_session.sh z49 # jvp_bwd_impl ("auto" at head dim 128: jvp_bwd_v + dS matmuls from 2,048 tokens):
+#                                      # GPU0 bench/attention.py at six shapes with the defaults, "matmul" forced at
+#                                      # 1,024 and 8,192 tokens, jvp_bwd_v swept at 4,096 and 2,048 | GPU1 the native
+#                                      # tangent tests under both impls
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -1044,6 +1048,23 @@ PY
     wait
     tail -n 3 "$OUT/pytest_gpu_h200_jvp_dq_matmul_qk.log"
     for f in /tmp/log_attention*.txt; do echo "--- $f"; grep -v "^$" "$f" | grep -v "best config" | tail -n 22 | cut -c1-160; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48" >&2; exit 2 ;;
+  z49)
+    log "jvp_bwd_impl: GPU0 attention bench (defaults; matmul forced), jvp_bwd_v sweep | GPU1 native tangent tests"
+    echo '{"jvp_bwd_impl": "matmul"}' > /tmp/mm.json
+    (CUDA_VISIBLE_DEVICES=1 timeout 420 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py -k "native_tangent or grad_of_jvp" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_jvp_bwd_impl.log" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd,jvp_fwd_bwd \
+        --shapes "32,18,256,64;32,18,1024,64;1,24,4096,128;1,24,2048,128;1,24,1024,128;1,24,8192,128" \
+        --out "$OUT/attention_h200_jvp_bwd_impl_defaults.json" > /tmp/log_attention_jvp_bwd_defaults.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --config /tmp/mm.json \
+        --shapes "1,24,1024,128;1,24,8192,128" --out "$OUT/attention_h200_jvp_bwd_matmul_forced.json" \
+        > /tmp/log_attention_jvp_bwd_forced.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/attention.py --shapes "1,24,4096,128;1,24,2048,128" --no-xla --no-cudnn \
+        --kinds jvp_fwd_bwd --sweep --sweep-kernels jvp_bwd_v \
+        --out "$OUT/attention_sweep_h200_jvp_bwd_matmul.json" > /tmp/log_attention_sweep_jvp_bwd_v.txt 2>&1
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_jvp_bwd_impl.log"
+    for f in /tmp/log_attention*.txt; do echo "--- $f"; grep -v "^$" "$f" | grep -v "best config" | tail -n 26 | cut -c1-160; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49" >&2; exit 2 ;;
 esac
 log done

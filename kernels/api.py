@@ -21,7 +21,7 @@ IMPLS = ("auto", "xla", "pallas", "cudnn")
 _PALLAS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 # Kernels whose block sizes bound the padding, per mode.
 _PLAIN_KERNELS = ("fwd", "bwd_kv", "bwd_q")
-_JVP_KERNELS = ("fwd", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q")
+_JVP_KERNELS = ("fwd", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q", "jvp_bwd_v")
 _QKV_KERNELS = ("fwd_qkv", "bwd_kv", "bwd_q")  # attention_qkv's plain Pallas path
 
 

@@ -15,48 +15,23 @@ jvp_bwd_kv    tangent backward: dk, dv, dtk, dtv                          grid o
 jvp_bwd_q     tangent backward: dq, dtq                                   grid over q blocks, loop k
 fwd_qkv       plain forward of a qkv projection read in place, its        grid over q blocks, loop k
               prologue (bias, q/k norms) applied to each tile it loads
+jvp_bwd_v     tangent backward under ``jvp_bwd_impl="matmul"``: dv, dtv,  grid over k blocks, loop q
+              and dS, dtS written out
 ============  ==========================================================  =========================
 
-One more field is a choice, not tiles: ``jvp_dq`` says how the tangent backward makes dq and
-dtq. ``"kernel"``: the ``jvp_bwd_q`` kernel recomputes the probabilities, the tangent logits and
-dP per (query block, key block), 9 of the backward's 21 S^2 D matmul units. ``"matmul"``:
-``jvp_bwd_kv``, which computes dS and dtS anyway, also writes them (rounded to the input dtype,
-as both kernels round them before their matmuls), and dq, dtq are three batched XLA matmuls
-(cuBLAS on a GPU), 3 units; the price is 2 * B * H * Sk * Sq elements of transient memory, so the
-tangent backward is no longer linear in the sequence length. ``"auto"`` (the default at head dim 128
-for 2-byte inputs) takes ``"matmul"`` where it measured faster and its memory stays bounded: both
-lengths at least ``JVP_DQ_AUTO_MIN_SEQ`` tokens and dS plus dtS at most ``JVP_DQ_AUTO_MAX_BYTES``
-(per device); see :func:`jvp_dq_choice`. On an H200 (``bench/NOTES.md``) "matmul" was faster at
-head dim 128 (1,024 to 8,192 tokens) and slower at head dim 64 (256 and 1,024 tokens), where
-head dims 16 to 64 keep ``"kernel"``.
-
-A field left ``None`` takes the default for the (padded) head dimension from
-:func:`default_config`. Block sizes must be powers of two >= 16 (Triton's ``tl.dot``
-needs every matmul dimension >= 16). Inside :func:`kernels.attention` each block size is
-additionally clamped to ``max(16, next_power_of_2(seq_len))`` so that short sequences are
-not padded to a large block; the sequence is then zero-padded to a multiple of the
-largest block size the current mode can use (nothing is padded when already aligned).
-
-``num_warps``/``num_stages`` are passed to ``plgpu.CompilerParams``; they do nothing in
-interpret mode.
-
-How the first defaults were chosen (no GPU was available): every kernel was lowered for CUDA
-(Pallas -> Triton IR) for a grid of configs (block_q, block_k in 16..128, 4/8 warps,
-2/3 stages) at D=64 and D=128, and the IR compiled offline for sm_90a with pip Triton 3.9
-and its ptxas, recording registers, spills and shared memory. Findings (Triton 3.9; the
-Triton inside XLA may differ somewhat):
-
-* registers, not shared memory, bound the tangent kernels: Pallas cannot pass an
-  accumulator into ``tl.dot``, so every ``acc + dot(a, b)`` keeps the dot result in extra
-  registers; with D=128 only small tiles of jvp_bwd_kv / jvp_bwd_q compile spill-free;
-* 4 warps spill for most 128-row tiles; 8 warps are needed at D=128;
-* a tile whose MMA M dimension (block_q in q-grid kernels, block_k in k-grid kernels) is
-  below 64 compiles to ``mma.sync`` (MMAv2) instead of Hopper ``wgmma``.
-
-Those were the largest wgmma tiles without (or with little) spilling. Measured on an H200,
-the sweep (``bench/attention.py --sweep``, candidates per head dim in its ``SWEEP``) replaced
-them for 2-byte inputs at head dims 64 and 128; at 64 it preferred 64-row tiles on 4 warps
-(one warpgroup) for the tangent kernels, which the register count alone did not predict.
+One more field is a choice, not tiles: ``jvp_bwd_impl`` says how the tangent backward runs.
+``"kernels"``: ``jvp_bwd_kv`` and ``jvp_bwd_q``, each recomputing the probabilities, the tangent
+logits and dP, 21 S^2 D matmul units in all. ``"matmul"``: one kernel, ``jvp_bwd_v``, computes
+them once per (key block, query block), accumulates dv and dtv, and writes dS and dtS (rounded to
+the input dtype, as the kernels round them before their matmuls); dq, dtq, dk and dtk are then six
+batched XLA matmuls of those (cuBLAS on a GPU): 15 units, 6 of them at cuBLAS's rate. The price is
+2 * B * H * Sk * Sq elements of transient memory, so this backward is not linear in the sequence
+length. ``"auto"`` (the default at head dim 128 for 2-byte inputs) takes ``"matmul"`` where it
+measured faster and its memory stays bounded: both lengths at least ``JVP_BWD_AUTO_MIN_SEQ`` tokens
+and dS plus dtS at most ``JVP_BWD_AUTO_MAX_BYTES`` per device (:func:`jvp_bwd_impl_choice`).
+Measured on an H200 (``bench/NOTES.md`` item 40): faster at head dim 128 from 4,096 tokens, a tie
+at 1,024, slower at head dim 64 (256 and 1,024 tokens), where head dims 16 to 64 keep
+``"kernels"``.
 """
 from __future__ import annotations
 
@@ -66,10 +41,10 @@ import dataclasses
 from typing import Optional
 
 _VALID_WARPS = (1, 2, 4, 8, 16)
-KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q", "fwd_qkv")
-JVP_DQ_CHOICES = ("kernel", "matmul", "matmul_qk", "auto")
-JVP_DQ_AUTO_MIN_SEQ = 1024
-JVP_DQ_AUTO_MAX_BYTES = 2 << 30  # 2 GiB of dS and dtS per device
+KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q", "fwd_qkv", "jvp_bwd_v")
+JVP_BWD_IMPLS = ("kernels", "matmul", "auto")
+JVP_BWD_AUTO_MIN_SEQ = 2048
+JVP_BWD_AUTO_MAX_BYTES = 2 << 30  # 2 GiB of dS and dtS per device
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16
 
@@ -125,7 +100,8 @@ class AttentionConfig:
     jvp_bwd_kv: Optional[KernelConfig] = None
     jvp_bwd_q: Optional[KernelConfig] = None
     fwd_qkv: Optional[KernelConfig] = None
-    jvp_dq: Optional[str] = None  # "kernel" | "matmul" | "auto" (module docstring); None = default
+    jvp_bwd_v: Optional[KernelConfig] = None
+    jvp_bwd_impl: Optional[str] = None  # "kernels" | "matmul" | "auto" (module docstring); None = default
 
     def __post_init__(self):
         for name in KERNEL_NAMES:
@@ -134,8 +110,9 @@ class AttentionConfig:
                 raise ValueError(
                     f"AttentionConfig.{name} must be a KernelConfig or None, got {type(val).__name__}"
                 )
-        if self.jvp_dq is not None and self.jvp_dq not in JVP_DQ_CHOICES:
-            raise ValueError(f"AttentionConfig.jvp_dq must be one of {JVP_DQ_CHOICES} or None, got {self.jvp_dq!r}")
+        if self.jvp_bwd_impl is not None and self.jvp_bwd_impl not in JVP_BWD_IMPLS:
+            raise ValueError(f"AttentionConfig.jvp_bwd_impl must be one of {JVP_BWD_IMPLS} or None, "
+                             f"got {self.jvp_bwd_impl!r}")
 
     @classmethod
     def uniform(cls, block_q: int, block_k: int, num_warps: int = 4, num_stages: int = 2) -> "AttentionConfig":
@@ -148,12 +125,13 @@ class AttentionConfig:
         default = default_config(head_dim, dtype)
         return AttentionConfig(
             **{name: getattr(self, name) or getattr(default, name) for name in KERNEL_NAMES},
-            jvp_dq=self.jvp_dq or default.jvp_dq,
+            jvp_bwd_impl=self.jvp_bwd_impl or default.jvp_bwd_impl,
         )
 
     def clamp(self, q_len: int, kv_len: int) -> "AttentionConfig":
         return AttentionConfig(
-            **{name: getattr(self, name).clamp(q_len, kv_len) for name in KERNEL_NAMES}, jvp_dq=self.jvp_dq
+            **{name: getattr(self, name).clamp(q_len, kv_len) for name in KERNEL_NAMES},
+            jvp_bwd_impl=self.jvp_bwd_impl,
         )
 
     def to_dict(self) -> dict:
@@ -161,16 +139,16 @@ class AttentionConfig:
             name: (None if getattr(self, name) is None else getattr(self, name).to_dict())
             for name in KERNEL_NAMES
         }
-        d["jvp_dq"] = self.jvp_dq
+        d["jvp_bwd_impl"] = self.jvp_bwd_impl
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AttentionConfig":
-        fields = KERNEL_NAMES + ("jvp_dq",)
+        fields = KERNEL_NAMES + ("jvp_bwd_impl",)
         unknown = set(d) - set(fields)
         if unknown:
             raise ValueError(f"unknown AttentionConfig fields {sorted(unknown)}; expected {fields}")
-        return cls(**{k: (v if k == "jvp_dq" or v is None else KernelConfig(**v)) for k, v in d.items()})
+        return cls(**{k: (v if k == "jvp_bwd_impl" or v is None else KernelConfig(**v)) for k, v in d.items()})
 
 
 def _kc(bq, bk, w, s):
@@ -195,7 +173,8 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(32, 64, 4, 2),
         jvp_bwd_q=_kc(64, 64, 4, 2),
         fwd_qkv=_kc(256, 64, 8, 3),  # bench/qkv_prologue.py: the best summed time over the DiT's shapes
-        jvp_dq="kernel",
+        jvp_bwd_v=_kc(32, 64, 4, 2),  # jvp_bwd_kv's tiles; "matmul" lost at this head dim (item 40)
+        jvp_bwd_impl="kernels",
     ),
     128: AttentionConfig(  # the best of `bench/attention.py --sweep` at (1, 24, 4096, 128) on an H200
         fwd=_kc(128, 64, 8, 3),  # (bench/results/attention_sweep_h200.json): 24.1 -> 8.7 ms fwd+tangent+bwd
@@ -205,7 +184,8 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(64, 32, 8, 3),
         jvp_bwd_q=_kc(128, 32, 8, 3),
         fwd_qkv=_kc(128, 64, 8, 3),  # the plain forward's tiles
-        jvp_dq="auto",  # bench/results/attention_h200_jvp_dq_*.json
+        jvp_bwd_v=_kc(32, 128, 8, 2),  # bench/results/attention_sweep_h200_jvp_bwd_matmul.json
+        jvp_bwd_impl="auto",
     ),
     256: AttentionConfig(
         fwd=_kc(64, 32, 8, 2),
@@ -215,7 +195,8 @@ _DEFAULTS = {
         jvp_bwd_kv=_kc(16, 32, 8, 2),
         jvp_bwd_q=_kc(32, 16, 8, 2),
         fwd_qkv=_kc(64, 32, 8, 2),  # the plain forward's tiles
-        jvp_dq="kernel",
+        jvp_bwd_v=_kc(16, 32, 8, 2),  # jvp_bwd_kv's tiles (not measured under "matmul")
+        jvp_bwd_impl="kernels",
     ),
 }
 
@@ -238,7 +219,8 @@ _DEFAULTS_4BYTE = {
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(128, 32, 8, 2),
         fwd_qkv=_kc(128, 64, 4, 3),  # the plain forward's tiles
-        jvp_dq="kernel",
+        jvp_bwd_v=_kc(32, 64, 8, 2),  # jvp_bwd_kv's tiles (not measured under "matmul")
+        jvp_bwd_impl="kernels",
     ),
     128: AttentionConfig(
         fwd=_kc(128, 64, 8, 3),
@@ -248,7 +230,8 @@ _DEFAULTS_4BYTE = {
         jvp_bwd_kv=_kc(32, 64, 8, 2),
         jvp_bwd_q=_kc(64, 32, 8, 2),
         fwd_qkv=_kc(64, 64, 8, 2),  # (128, 64, 8, 3) asked for 257 KiB of shared memory on an H200
-        jvp_dq="kernel",
+        jvp_bwd_v=_kc(32, 64, 8, 2),  # jvp_bwd_kv's tiles (not measured under "matmul")
+        jvp_bwd_impl="kernels",
     ),
 }
 
@@ -264,14 +247,14 @@ def default_config(head_dim: int, dtype=None) -> AttentionConfig:
     return _DEFAULTS[dp]
 
 
-def jvp_dq_choice(choice: str, batch: int, heads: int, q_len: int, kv_len: int, itemsize: int) -> str:
-    """What ``jvp_dq`` runs for one call: ``"kernel"`` or ``"matmul"``; ``"auto"`` resolves to
-    ``"matmul"`` when both (padded) lengths are at least ``JVP_DQ_AUTO_MIN_SEQ`` and dS and dtS,
-    ``2 * batch * heads * q_len * kv_len * itemsize`` bytes, fit in ``JVP_DQ_AUTO_MAX_BYTES``."""
-    if choice not in JVP_DQ_CHOICES:
-        raise ValueError(f"jvp_dq must be one of {JVP_DQ_CHOICES}, got {choice!r}")
+def jvp_bwd_impl_choice(choice: str, batch: int, heads: int, q_len: int, kv_len: int, itemsize: int) -> str:
+    """What ``jvp_bwd_impl`` runs for one call: ``"kernels"`` or ``"matmul"``; ``"auto"`` resolves to
+    ``"matmul"`` when both (padded) lengths are at least ``JVP_BWD_AUTO_MIN_SEQ`` and dS and dtS,
+    ``2 * batch * heads * q_len * kv_len * itemsize`` bytes, fit in ``JVP_BWD_AUTO_MAX_BYTES``."""
+    if choice not in JVP_BWD_IMPLS:
+        raise ValueError(f"jvp_bwd_impl must be one of {JVP_BWD_IMPLS}, got {choice!r}")
     if choice != "auto":
         return choice
     ds_bytes = 2 * batch * heads * q_len * kv_len * itemsize
-    fits = min(q_len, kv_len) >= JVP_DQ_AUTO_MIN_SEQ and ds_bytes <= JVP_DQ_AUTO_MAX_BYTES
-    return "matmul" if fits else "kernel"
+    fits = min(q_len, kv_len) >= JVP_BWD_AUTO_MIN_SEQ and ds_bytes <= JVP_BWD_AUTO_MAX_BYTES
+    return "matmul" if fits else "kernels"

@@ -49,7 +49,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.config import AttentionConfig, KernelConfig, jvp_dq_choice
+from kernels.config import AttentionConfig, KernelConfig, jvp_bwd_impl_choice
 from kernels.reference import qk_rms_norm
 
 _LOG2E = math.log2(math.e)
@@ -528,13 +528,13 @@ def jvp_fwd_call(q, k, v, tq, tk, tv, st: Static):
 
 def _jvp_bwd_kv_kernel(
     q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
-    lse_ref, mu_ref, delta_ref, nu_ref, *out_refs, st, kc, write_ds, dk_here, mask_keys,
+    lse_ref, mu_ref, delta_ref, nu_ref, *out_refs, st, kc, write_ds, mask_keys,
 ):  # fmt: skip
-    """One key block's dv and dtv; with ``dk_here`` also dk and dtk (outputs dk, dv, dtk, dtv,
-    else dv, dtv); with ``write_ds`` then that block's rows of dS and dtS, transposed (keys,
-    queries) and rounded as the matmuls below use them (``jvp_dq`` "matmul" and "matmul_qk").
-    ``mask_keys``: the arrays hold padded keys; their dS rows are written as zeros (their
-    probabilities are not masked here and may overflow; dk of padded keys is dropped anyway)."""
+    """One key block of the tangent backward. ``jvp_bwd_kv`` (``write_ds`` False): dk, dv, dtk,
+    dtv. ``jvp_bwd_v`` (``write_ds``, ``jvp_bwd_impl="matmul"``): dv, dtv, and that block's rows
+    of dS and dtS, transposed (keys, queries) and rounded as the kv kernel rounds them for its
+    matmuls. ``mask_keys``: the arrays hold padded keys; their dS rows are written as zeros
+    (their probabilities are not masked here and may overflow; dk of padded keys is dropped)."""
     bq, bk = kc.block_q, kc.block_k
     k = k_ref[...]
     v = v_ref[...]
@@ -544,7 +544,7 @@ def _jvp_bwd_kv_kernel(
     dim = k.shape[-1]
     if mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs it there)
         real = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32) < st.kv_len)[:, None]
-    ds_refs = out_refs[-2:] if write_ds else ()
+    dk_here = not write_ds
 
     def body(i, carry_in):
         qs = pl.ds(_start(i, bq), bq)
@@ -572,11 +572,11 @@ def _jvp_bwd_kv_kernel(
         carry = (dv, dtv)
         if dk_here:
             carry += (carry_in[2] + _mm(dsc, q, st) + _mm(dtsc, tq, st), carry_in[3] + _mm(dtsc, q, st))
-        if ds_refs:
+        if write_ds:
             if mask_keys:
                 dsc, dtsc = jnp.where(real, dsc, 0), jnp.where(real, dtsc, 0)
-            ds_refs[0][:, qs] = dsc
-            ds_refs[1][:, qs] = dtsc
+            out_refs[2][:, qs] = dsc
+            out_refs[3][:, qs] = dtsc
         return carry
 
     zeros = jnp.zeros((bk, dim), _F32)
@@ -637,7 +637,7 @@ def _jvp_bwd_q_kernel(
 
 def _dq_from_ds(ds, dts, k, tk, sq: int, st: Static):
     """dq = (dS k + dtS tk) * scale and dtq = dtS k * scale from the (B, H, Sk, Sq') transposed dS
-    and dtS that ``jvp_bwd_kv`` wrote (``jvp_dq="matmul"``): batched XLA matmuls, fp32
+    and dtS that ``jvp_bwd_v`` wrote (``jvp_bwd_impl="matmul"``): batched XLA matmuls, fp32
     accumulation, then rows Sq'..Sq (padding past the last written query block) as zeros."""
     def mm(a, b):
         return jnp.einsum("bhkq,bkhd->bqhd", a, b, precision=st.precision, preferred_element_type=_F32)
@@ -649,8 +649,8 @@ def _dq_from_ds(ds, dts, k, tk, sq: int, st: Static):
 
 
 def _dk_from_ds(ds, dts, q, tq, st: Static):
-    """dk = (dS^T q + dtS^T tq) * scale and dtk = dtS^T q * scale (``jvp_dq="matmul_qk"``), over the
-    query rows dS was written for."""
+    """dk = (dS^T q + dtS^T tq) * scale and dtk = dtS^T q * scale (``jvp_bwd_impl="matmul"``), over
+    the query rows dS was written for."""
     wq = ds.shape[-1]
     q, tq = q[:, :wq], tq[:, :wq]
 
@@ -668,37 +668,32 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     delta = _row_dot(do, o) + _row_dot(dto, to) - nu * mu
     args = (q, k, v, tq, tk, tv, do, dto, lse, mu, delta, nu)
 
-    kc = st.cfg.jvp_bwd_kv
+    mode = jvp_bwd_impl_choice(st.cfg.jvp_bwd_impl, b, h, sq, sk, jnp.dtype(q.dtype).itemsize)
+    by_matmul = mode == "matmul"
+    kc = st.cfg.jvp_bwd_v if by_matmul else st.cfg.jvp_bwd_kv
     q_all = _all_rows_spec(sq, d)
     k_blk = _rows_spec(kc.block_k, d)
     stat_all = _all_stat_spec(sq)
-    mode = jvp_dq_choice(st.cfg.jvp_dq, b, h, sq, sk, jnp.dtype(q.dtype).itemsize)
-    write_ds, dk_here = mode != "kernel", mode != "matmul_qk"
-    # dS columns the kernel writes: its query blocks up to the true length (rows past it stay 0-padded).
+    # dS columns jvp_bwd_v writes: its query blocks up to the true length (rows past it stay 0-padded).
     wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
     ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
     ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
-    n_kv = 4 if dk_here else 2
     outs = pl.pallas_call(
-        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, write_ds=write_ds, dk_here=dk_here,
-                          mask_keys=sk != st.kv_len),
+        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, write_ds=by_matmul, mask_keys=sk != st.kv_len),
         grid=(sk // kc.block_k, b, h),
         in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
-        out_specs=[k_blk] * n_kv + [ds_blk] * 2 * write_ds,
-        out_shape=[_like(k)] * n_kv + [ds_like] * 2 * write_ds,
+        out_specs=[k_blk] * 2 + [ds_blk] * 2 if by_matmul else [k_blk] * 4,
+        out_shape=[_like(k)] * 2 + [ds_like] * 2 if by_matmul else [_like(k)] * 4,
         compiler_params=_params(kc),
         interpret=st.interpret,
-        name="tvm_flash_jvp_bwd_kv",
+        name="tvm_flash_jvp_bwd_v" if by_matmul else "tvm_flash_jvp_bwd_kv",
     )(*args)
-    if mode == "matmul_qk":
+    if by_matmul:
         dv, dtv, ds, dts = outs
         dq, dtq = _dq_from_ds(ds, dts, k, tk, sq, st)
         dk, dtk = _dk_from_ds(ds, dts, q, tq, st)
         return dq, dk, dv, dtq, dtk, dtv
-    dk, dv, dtk, dtv = outs[:4]
-    if mode == "matmul":
-        dq, dtq = _dq_from_ds(*outs[4:], k, tk, sq, st)
-        return dq, dk, dv, dtq, dtk, dtv
+    dk, dv, dtk, dtv = outs
 
     kc = st.cfg.jvp_bwd_q
     q_blk = _rows_spec(kc.block_q, d)

@@ -57,15 +57,15 @@ def test_native_plain(shape, dtype):
         assert_close(name, g, gr, TOL[dtype])
 
 
-@pytest.mark.parametrize("dq", ["kernel", "matmul", "matmul_qk"])
+@pytest.mark.parametrize("impl", ["kernels", "matmul"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_native_tangent(shape, dtype, dq):
-    """All six cotangents, with dq and dtq from the jvp_bwd_q kernel and from dS matmuls."""
+def test_native_tangent(shape, dtype, impl):
+    """All six cotangents, from the two backward kernels and from jvp_bwd_v + dS matmuls."""
     if dtype == jnp.float32 and shape[1] > 1024:
         pytest.skip("fp32 checked at small sizes only")
     q, k, v, tq, tk, tv, do, dto = randn(hash(shape) % 1000 + 1, [shape] * 8, dtype)
-    cfg = AttentionConfig(jvp_dq=dq)
+    cfg = AttentionConfig(jvp_bwd_impl=impl)
 
     @jax.jit
     def fn(q, k, v, tq, tk, tv, do, dto):
@@ -89,9 +89,9 @@ def test_native_tangent(shape, dtype, dq):
                 assert_close(name, g, gr, TOL[dtype])
 
 
-@pytest.mark.parametrize("dq", ["kernel", "matmul", "matmul_qk"])
+@pytest.mark.parametrize("impl", ["kernels", "matmul"])
 @pytest.mark.parametrize("shape", [(32, 256, 18, 64), (4, 1024, 18, 64)], ids=_id)
-def test_native_grad_of_jvp_dit_shapes(shape, dq):
+def test_native_grad_of_jvp_dit_shapes(shape, impl):
     q, k, v, tq, tk, tv, do, dto = randn(7, [shape] * 8, jnp.bfloat16)
 
     def loss(fn, q, k, v, tq, tk, tv):
@@ -99,7 +99,7 @@ def test_native_grad_of_jvp_dit_shapes(shape, dq):
         f32 = lambda x: x.astype(jnp.float32)
         return jnp.sum(f32(o) * f32(do)) + jnp.sum(f32(to) * f32(dto))
 
-    pallas = lambda a, b, c: attention(a, b, c, impl="pallas", jvp=True, block_sizes=AttentionConfig(jvp_dq=dq))
+    pallas = lambda a, b, c: attention(a, b, c, impl="pallas", jvp=True, block_sizes=AttentionConfig(jvp_bwd_impl=impl))
     xla = lambda a, b, c: attention(a, b, c, impl="xla")
     g = jax.jit(jax.grad(lambda *a: loss(pallas, *a), argnums=tuple(range(6))))(q, k, v, tq, tk, tv)
     _, _, (g_ref,) = _cpu(

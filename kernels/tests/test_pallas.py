@@ -35,6 +35,7 @@ def _mixed_cfg():
         jvp_bwd_kv=KernelConfig(16, 32),
         jvp_bwd_q=KernelConfig(32, 16),
         fwd_qkv=KernelConfig(32, 16),
+        jvp_bwd_v=KernelConfig(16, 32),
     )
 
 
@@ -98,19 +99,18 @@ def test_plain_forward_and_grads(case):
         assert_close(name, g, gr, tol["grad"])
 
 
-def _with_dq(cfg, dq: str):
-    return dataclasses.replace(cfg or AttentionConfig(), jvp_dq=dq)
+def _with_bwd(cfg, impl: str):
+    return dataclasses.replace(cfg or AttentionConfig(), jvp_bwd_impl=impl)
 
 
-# jvp_dq="matmul" on the cases with ragged lengths, cross-attention, padded head dims and every dtype.
-DQ_CASES = ([(c, "kernel") for c in CASES] + [(CASES[i], "matmul") for i in (0, 1, 4, 5, 6)]
-            + [(CASES[i], "matmul_qk") for i in (0, 1, 4, 5, 6)])
+# jvp_bwd_impl="matmul" on the cases with ragged lengths, cross-attention, padded head dims and every dtype.
+BWD_CASES = [(c, "kernels") for c in CASES] + [(CASES[i], "matmul") for i in (0, 1, 4, 5, 6)]
 
 
-@pytest.mark.parametrize("case,dq", DQ_CASES, ids=lambda x: str(x))
-def test_tangent_forward_and_all_cotangents(case, dq):
+@pytest.mark.parametrize("case,impl", BWD_CASES, ids=lambda x: str(x))
+def test_tangent_forward_and_all_cotangents(case, impl):
     q, k, v, tq, tk, tv, do, dto = _inputs(case, 5, salt=1)
-    kw = dict(interpret=True, block_sizes=_with_dq(case.cfg, dq), scale=case.scale)
+    kw = dict(interpret=True, block_sizes=_with_bwd(case.cfg, impl), scale=case.scale)
 
     @jax.jit
     def run(q, k, v, tq, tk, tv, do, dto):
@@ -177,19 +177,19 @@ def test_kernels_write_every_output_element():
     outs += [o, to, lse, mu]
     outs += list(flash_mod.bwd_call(q, k, v, outs[0], outs[1], do, st))
     outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st))
-    # jvp_dq="matmul": dS and dtS come from the kv kernel, so its every element must be written too.
-    for mode in ("matmul", "matmul_qk"):
-        st_mm = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, jvp_dq=mode))
-        outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st_mm))
+    # jvp_bwd_impl="matmul": four cotangents are matmuls of the dS and dtS that jvp_bwd_v writes,
+    # so every element of those must be written too.
+    st_mm = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, jvp_bwd_impl="matmul"))
+    outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st_mm))
     for i, x in enumerate(outs):
         assert np.all(np.isfinite(np.asarray(x))), f"output {i} has unwritten (NaN) elements"
 
 
-@pytest.mark.parametrize("dq", ["kernel", "matmul", "matmul_qk"])
-def test_tangent_backward_with_overflowing_padded_keys(dq):
+@pytest.mark.parametrize("impl", ["kernels", "matmul"])
+def test_tangent_backward_with_overflowing_padded_keys(impl):
     """Real logits near -300 (base 2) put the row log-sum-exp there, so a zero-padded key's
     probability 2**(0 - lse) overflows to inf in the kv kernel, which does not mask keys.
-    With jvp_dq="matmul" those keys' dS rows feed dq: they must be written as zeros."""
+    With jvp_bwd_impl="matmul" those keys' dS rows feed dq: they must be written as zeros."""
     b, sq, sk, h, d = 1, 24, 40, 1, 32  # 40 keys pad to 48 with 16-key blocks
     u = jnp.ones((d,), jnp.float32) / np.sqrt(d)
     rows = lambda n, c, key: (c * u + 0.01 * jax.random.normal(key, (n, d)))[None, :, None, :]
@@ -199,7 +199,7 @@ def test_tangent_backward_with_overflowing_padded_keys(dq):
     q, k = rows(sq, 150.0, keys[0]), rows(sk, -2.0, keys[1])
     v, tq, tk, tv = (0.1 * jax.random.normal(kk, x.shape) for kk, x in zip(keys[2:], (k, q, k, k)))
     do, dto = (jax.random.normal(kk, q.shape) for kk in keys[6:])
-    cfg = dataclasses.replace(AttentionConfig.uniform(16, 16), jvp_dq=dq)
+    cfg = dataclasses.replace(AttentionConfig.uniform(16, 16), jvp_bwd_impl=impl)
     out, vjp = jax.vjp(lambda *a: flash_with_tangent(*a, interpret=True, block_sizes=cfg, scale=0.5),
                        q, k, v, tq, tk, tv)
     grads = vjp((do, dto))

@@ -72,26 +72,26 @@ def test_bad_block_sizes():
     assert AttentionConfig.from_dict(cfg.to_dict()) == cfg
     resolved = cfg.resolve(128)
     assert resolved.fwd == KernelConfig(32, 16, 8, 3) and resolved.jvp_fwd is not None
-    with pytest.raises(ValueError, match="jvp_dq must be one of"):
-        AttentionConfig(jvp_dq="cublas")
-    mm = AttentionConfig(jvp_dq="matmul")
-    assert AttentionConfig.from_dict(mm.to_dict()) == mm and mm.resolve(64).jvp_dq == "matmul"
-    assert cfg.resolve(64).jvp_dq == "kernel" and cfg.resolve(128).jvp_dq == "auto"
-    assert cfg.resolve(128, jnp.float32).jvp_dq == "kernel"
+    with pytest.raises(ValueError, match="jvp_bwd_impl must be one of"):
+        AttentionConfig(jvp_bwd_impl="cublas")
+    mm = AttentionConfig(jvp_bwd_impl="matmul", jvp_bwd_v=KernelConfig(16, 64))
+    assert AttentionConfig.from_dict(mm.to_dict()) == mm and mm.resolve(64).jvp_bwd_impl == "matmul"
+    assert cfg.resolve(64).jvp_bwd_impl == "kernels" and cfg.resolve(128).jvp_bwd_impl == "auto"
+    assert cfg.resolve(128, jnp.float32).jvp_bwd_impl == "kernels"
 
 
-def test_jvp_dq_auto_choice():
-    """"auto" takes the dS matmuls only from 1,024 tokens and while dS and dtS fit in 2 GiB."""
-    from kernels.config import jvp_dq_choice
+def test_jvp_bwd_auto_choice():
+    """"auto" takes the dS matmuls only from 2,048 tokens and while dS and dtS fit in 2 GiB."""
+    from kernels.config import jvp_bwd_impl_choice as choice
 
-    assert jvp_dq_choice("auto", 1, 24, 4096, 4096, 2) == "matmul"  # 1.5 GiB
-    assert jvp_dq_choice("auto", 1, 24, 8192, 8192, 2) == "kernel"  # 6 GiB
-    assert jvp_dq_choice("auto", 8, 24, 512, 512, 2) == "kernel"  # short
-    assert jvp_dq_choice("auto", 1, 24, 1024, 4096, 2) == "matmul"
-    assert jvp_dq_choice("kernel", 1, 1, 8192, 8192, 2) == "kernel"
-    assert jvp_dq_choice("matmul", 1, 1, 16, 16, 4) == "matmul"
-    with pytest.raises(ValueError, match="jvp_dq must be one of"):
-        jvp_dq_choice(None, 1, 1, 16, 16, 2)
+    assert choice("auto", 1, 24, 4096, 4096, 2) == "matmul"  # 1.5 GiB
+    assert choice("auto", 1, 24, 8192, 8192, 2) == "kernels"  # 6 GiB
+    assert choice("auto", 8, 24, 1024, 1024, 2) == "kernels"  # short
+    assert choice("auto", 1, 24, 2048, 4096, 2) == "matmul"
+    assert choice("kernels", 1, 1, 8192, 8192, 2) == "kernels"
+    assert choice("matmul", 1, 1, 16, 16, 4) == "matmul"
+    with pytest.raises(ValueError, match="jvp_bwd_impl must be one of"):
+        choice(None, 1, 1, 16, 16, 2)
 
 
 def test_bad_tangents():
