@@ -214,6 +214,8 @@
 #                                      # GPU0 bench/attention.py at six shapes with the defaults, "matmul" forced at
 #                                      # 1,024 and 8,192 tokens, jvp_bwd_v swept at 4,096 and 2,048 | GPU1 the native
 #                                      # tangent tests under both impls
+#   bash bench/gpu_step_session.sh z50 # GPU0 head dim 128 at 2,048 and 4,096 tokens: "kernels" forced, then the defaults
+#                                      # ("auto": matmul), twice | GPU1 the rest of the native kernel suite
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -1065,6 +1067,22 @@ PY
     wait
     tail -n 3 "$OUT/pytest_gpu_h200_jvp_bwd_impl.log"
     for f in /tmp/log_attention*.txt; do echo "--- $f"; grep -v "^$" "$f" | grep -v "best config" | tail -n 26 | cut -c1-160; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49" >&2; exit 2 ;;
+  z50)
+    log "GPU0 hd128 kernels forced vs defaults at 2,048 and 4,096 tokens | GPU1 native kernel suite without the tangent tests"
+    echo '{"jvp_bwd_impl": "kernels"}' > /tmp/kernels.json
+    (CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m pytest -q -m gpu kernels -k "not native_tangent and not grad_of_jvp" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_kernels_jvp_bwd_impl_rest.log" 2>&1) &
+    for run in 1 2; do
+      CUDA_VISIBLE_DEVICES=0 timeout 50 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --config /tmp/kernels.json \
+          --shapes "1,24,2048,128;1,24,4096,128" --out "$OUT/attention_h200_jvp_bwd_kernels_forced_$run.json" \
+          > "/tmp/log_attention_kernels_forced_$run.txt" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout 50 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd \
+          --shapes "1,24,2048,128;1,24,4096,128" --out "$OUT/attention_h200_jvp_bwd_defaults_$run.json" \
+          > "/tmp/log_attention_defaults_$run.txt" 2>&1
+    done
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_kernels_jvp_bwd_impl_rest.log"
+    for f in /tmp/log_attention*.txt; do echo "--- $f"; grep "pallas" "$f" | head -4; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50" >&2; exit 2 ;;
 esac
 log done
