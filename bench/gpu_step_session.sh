@@ -216,6 +216,11 @@
 #                                      # tangent tests under both impls
 #   bash bench/gpu_step_session.sh z50 # GPU0 head dim 128 at 2,048 and 4,096 tokens: "kernels" forced, then the defaults
 #                                      # ("auto": matmul), twice | GPU1 the rest of the native kernel suite
+#   bash bench/gpu_step_session.sh z51 # the 256px step at the same time: GPU0 this tree (jvp_bwd_impl landed; head dim 64
+#                                      # keeps "kernels") | GPU1 .baseline/base.tgz (main before it)
+# z46-z48 ran the first forms of that option (AttentionConfig.jvp_dq: "kernel", "matmul" = dq and dtq
+# only, "matmul_qk" = today's "matmul"); the code that knew those names is commits 44b6552, 0513a1a
+# and 39b7375: check one out to repeat them.
 # The letters before z9 that run configs/in256.py ran it when it meant the layer scan with remat
 # "dots" (z5-z8 now say so with --set); since the seventh session it unrolls the layers without
 # remat, so to repeat an older letter add --set model.layer_loop=scan --set model.remat=dots.
@@ -1083,6 +1088,13 @@ PY
     wait
     tail -n 3 "$OUT/pytest_gpu_h200_kernels_jvp_bwd_impl_rest.log"
     for f in /tmp/log_attention*.txt; do echo "--- $f"; grep "pallas" "$f" | head -4; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50" >&2; exit 2 ;;
+  z51)
+    unpack_base || exit 1
+    log "the 256px step at the same time: GPU0 this tree | GPU1 main (.baseline/base.tgz)"
+    run_tree 1 /tmp/base 175 train_step_h200_before_jvp_bwd_impl_gpu1 --variants default &
+    run_tree 0 "$PWD" 175 train_step_h200_jvp_bwd_impl_gpu0 --variants default
+    wait
+    for f in /tmp/log_*jvp_bwd_impl*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-300; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51" >&2; exit 2 ;;
 esac
 log done
