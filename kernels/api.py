@@ -288,7 +288,10 @@ def flash_with_tangent(
     """(o, t_o) = attention and its JVP along (tq, tk, tv), from one fused Pallas kernel.
 
     A ``jax.custom_vjp`` function: its backward takes cotangents of both outputs and returns
-    cotangents of all six inputs (Pallas kernels). Only O(S) statistics per row are saved.
+    cotangents of all six inputs (Pallas kernels). Only O(S) statistics per row are saved. The
+    backward's working memory is linear in S too, except under ``jvp_bwd_impl="matmul"`` (at head
+    dim 128 ``"auto"`` picks it from 2,048 tokens while it fits in 2 GiB), which holds dS and dtS,
+    2·B·H·Sq·Sk elements, for its cuBLAS matmuls (:mod:`kernels.config`).
     Shapes/dtypes as in :func:`attention`; each tangent matches its primal.
     """
     names = ("q", "k", "v", "tq", "tk", "tv")

@@ -22,6 +22,10 @@ Math (per batch and head; ``c`` = softmax scale; all statistics fp32, per query 
   ``dtS = P (dtP - nu)``; ``dv = P^T do + tP^T dto``, ``dtv = P^T dto``,
   ``dq = c (dS k + dtS tk)``, ``dtq = c dtS k``, ``dk = c (dS^T q + dtS^T tq)``,
   ``dtk = c dtS^T q``. The plain backward is the special case ``dto = 0``.
+* How that backward runs (``AttentionConfig.jvp_bwd_impl``): ``"kernels"``, two kernels over
+  key blocks (dk, dv, dtk, dtv) and query blocks (dq, dtq), each recomputing P, tS and dP; or
+  ``"matmul"``, one kernel over key blocks (dv, dtv) that also writes dS and dtS, and the four
+  cotangents above that only need them as XLA matmuls (:func:`_dq_from_ds`, :func:`_dk_from_ds`).
 
 Matmul operands are in the input dtype, accumulation in fp32 (``preferred_element_type``);
 fp32 inputs use IEEE fp32 matmuls (``Precision.HIGHEST``, no TF32).
