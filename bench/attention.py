@@ -29,7 +29,8 @@ pallas, xla and (plain mode) cudnn latencies that ``impl="auto"`` chooses from.
 
 ``--sweep`` times candidate KernelConfigs for each kernel (the others at their defaults):
 fwd on the plain forward, bwd_kv/bwd_q on plain fwd+bwd, jvp_fwd on jvp_fwd, jvp_bwd_kv/
-jvp_bwd_q on jvp_fwd_bwd; it reports the best per kernel and the combined best config
+jvp_bwd_q on jvp_fwd_bwd under ``jvp_bwd_impl="kernels"``, jvp_bwd_v on jvp_fwd_bwd under
+``"matmul"`` (``SWEEP_IMPL``); it reports the best per kernel and the combined best config
 (JSON, loadable with ``--config``). Configs that fail to compile are reported as failed.
 With several shapes, ``best_config_per_head_dim`` merges them: per kernel, the candidate
 with the smallest summed slowdown relative to each shape's fastest (candidate lists per

@@ -546,7 +546,7 @@ def _jvp_bwd_kv_kernel(
     tv = tv_ref[...]
     dt = k.dtype
     dim = k.shape[-1]
-    if mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs it there)
+    if write_ds and mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs that)
         real = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32) < st.kv_len)[:, None]
     dk_here = not write_ds
 
@@ -678,16 +678,18 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     q_all = _all_rows_spec(sq, d)
     k_blk = _rows_spec(kc.block_k, d)
     stat_all = _all_stat_spec(sq)
-    # dS columns jvp_bwd_v writes: its query blocks up to the true length (rows past it stay 0-padded).
-    wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
-    ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
-    ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
+    out_specs, out_shape = [k_blk] * 4, [_like(k)] * 4
+    if by_matmul:  # dv, dtv, then dS and dtS: (B, H, Sk, Sq') with Sq' its query blocks up to q_len
+        wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
+        ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
+        ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
+        out_specs, out_shape = [k_blk] * 2 + [ds_blk] * 2, [_like(k)] * 2 + [ds_like] * 2
     outs = pl.pallas_call(
         functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, write_ds=by_matmul, mask_keys=sk != st.kv_len),
         grid=(sk // kc.block_k, b, h),
         in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
-        out_specs=[k_blk] * 2 + [ds_blk] * 2 if by_matmul else [k_blk] * 4,
-        out_shape=[_like(k)] * 2 + [ds_like] * 2 if by_matmul else [_like(k)] * 4,
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_params(kc),
         interpret=st.interpret,
         name="tvm_flash_jvp_bwd_v" if by_matmul else "tvm_flash_jvp_bwd_kv",

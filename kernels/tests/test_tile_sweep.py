@@ -104,3 +104,27 @@ def test_qkv_prologue_probe_checks_every_tile_against_float32(tmp_path):
     assert saved["best_tiles"] in ([16, 16, 4, 3], [32, 16, 4, 3])
     with pytest.raises(SystemExit, match="batch,tokens,heads,head_dim"):
         module.main(["--interpret", "--shapes", "2,32,2"])
+
+
+def test_attention_sweep_runs_each_backward_kernel_under_its_impl(monkeypatch):
+    """Sweeping jvp_bwd_v times it under jvp_bwd_impl="matmul" (the only impl that runs it), and
+    jvp_bwd_kv / jvp_bwd_q under "kernels", whatever the base config's impl (its "auto" may
+    resolve either way at the swept shape)."""
+    from kernels import AttentionConfig
+
+    attention = _bench("attention")
+    seen = []
+
+    def fake_fns(impl, scale, cfg, interpret):
+        seen.append(cfg)
+        return {"jvp_fwd_bwd": None}
+
+    monkeypatch.setattr(attention, "make_fns", fake_fns)
+    monkeypatch.setattr(attention, "compile_fn", lambda fn, args: fn)
+    monkeypatch.setattr(attention, "time_ms", lambda fn, arg_sets, iters: float(len(seen)))
+    base = AttentionConfig(jvp_bwd_impl="auto").resolve(128)
+    out = attention.sweep_shape((1, 1, 4096, 128), base, [None], 1, True, ["jvp_bwd_v", "jvp_bwd_kv"])
+    n_v = len(attention.SWEEP[128]["jvp_bwd_v"])
+    assert [c.jvp_bwd_impl for c in seen] == ["matmul"] * n_v + ["kernels"] * (len(seen) - n_v)
+    assert all(c.jvp_bwd_kv == base.jvp_bwd_kv for c in seen[:n_v])
+    assert out["best"]["jvp_bwd_v"]["ms"] == 1.0 and out["best_config"]["jvp_bwd_impl"] == "auto"
