@@ -19,6 +19,34 @@ jvp_bwd_v     tangent backward under ``jvp_bwd_impl="matmul"``: dv, dtv,  grid o
               and dS, dtS written out
 ============  ==========================================================  =========================
 
+A field left ``None`` takes the default for the (padded) head dimension from
+:func:`default_config`. Block sizes must be powers of two >= 16 (Triton's ``tl.dot``
+needs every matmul dimension >= 16). Inside :func:`kernels.attention` each block size is
+additionally clamped to ``max(16, next_power_of_2(seq_len))`` so that short sequences are
+not padded to a large block; the sequence is then zero-padded to a multiple of the
+largest block size the current mode can use (nothing is padded when already aligned).
+
+``num_warps``/``num_stages`` are passed to ``plgpu.CompilerParams``; they do nothing in
+interpret mode.
+
+How the first defaults were chosen (no GPU was available): every kernel was lowered for CUDA
+(Pallas -> Triton IR) for a grid of configs (block_q, block_k in 16..128, 4/8 warps,
+2/3 stages) at D=64 and D=128, and the IR compiled offline for sm_90a with pip Triton 3.9
+and its ptxas, recording registers, spills and shared memory. Findings (Triton 3.9; the
+Triton inside XLA may differ somewhat):
+
+* registers, not shared memory, bound the tangent kernels: Pallas cannot pass an
+  accumulator into ``tl.dot``, so every ``acc + dot(a, b)`` keeps the dot result in extra
+  registers; with D=128 only small tiles of jvp_bwd_kv / jvp_bwd_q compile spill-free;
+* 4 warps spill for most 128-row tiles; 8 warps are needed at D=128;
+* a tile whose MMA M dimension (block_q in q-grid kernels, block_k in k-grid kernels) is
+  below 64 compiles to ``mma.sync`` (MMAv2) instead of Hopper ``wgmma``.
+
+Those were the largest wgmma tiles without (or with little) spilling. Measured on an H200,
+the sweep (``bench/attention.py --sweep``, candidates per head dim in its ``SWEEP``) replaced
+them for 2-byte inputs at head dims 64 and 128; at 64 it preferred 64-row tiles on 4 warps
+(one warpgroup) for the tangent kernels, which the register count alone did not predict.
+
 One more field is a choice, not tiles: ``jvp_bwd_impl`` says how the tangent backward runs.
 ``"kernels"``: ``jvp_bwd_kv`` and ``jvp_bwd_q``, each recomputing the probabilities, the tangent
 logits and dP, 21 S^2 D matmul units in all. ``"matmul"``: one kernel, ``jvp_bwd_v``, computes
@@ -29,9 +57,9 @@ batched XLA matmuls of those (cuBLAS on a GPU): 15 units, 6 of them at cuBLAS's 
 length. ``"auto"`` (the default at head dim 128 for 2-byte inputs) takes ``"matmul"`` where it
 measured faster and its memory stays bounded: both lengths at least ``JVP_BWD_AUTO_MIN_SEQ`` tokens
 and dS plus dtS at most ``JVP_BWD_AUTO_MAX_BYTES`` per device (:func:`jvp_bwd_impl_choice`).
-Measured on an H200 (``bench/NOTES.md`` item 40): faster at head dim 128 from 4,096 tokens, a tie
-at 1,024, slower at head dim 64 (256 and 1,024 tokens), where head dims 16 to 64 keep
-``"kernels"``.
+Measured on an H200 (``bench/NOTES.md`` item 40): at head dim 128 faster from 2,048 to 8,192
+tokens and slower at 1,024; slower at head dim 64 (256 and 1,024 tokens), so head dims 16 to 64
+keep ``"kernels"``, as do 256 and 4-byte inputs (not measured under ``"matmul"``).
 """
 from __future__ import annotations
 
