@@ -171,3 +171,39 @@ def test_grad_of_jvp_through_remat_and_scan():
     g_ref = jax.jit(jax.grad(lambda x, t: loss(xla, x, t), argnums=(0, 1)))(x, t)
     for a, b in zip(g, g_ref):
         assert_close("grad", a, b, 2e-5)
+
+
+def test_matmul_backward_under_vmap_and_batch_sharding():
+    """jvp_bwd_impl="matmul" (dS written by the kernel, four cotangents as XLA matmuls) under
+    vmap and on a batch-sharded mesh: the same gradients as the two-kernel backward, still
+    batch-sharded, and no collective (each device's dS is its own batch's)."""
+    _needs_devices(4)
+    kw = dict(impl="pallas", interpret=True)
+    cfgs = {impl: AttentionConfig(jvp_bwd_impl=impl, jvp_bwd_v=CFG.jvp_bwd_kv, **{
+        n: getattr(CFG, n) for n in ("fwd", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q")}) for impl in ("kernels", "matmul")}
+
+    def grad_fn(cfg):
+        def loss(q, k, v, tq, tk, tv, do, dto):
+            o, to = jax.jvp(lambda a, b, c: attention(a, b, c, jvp=True, block_sizes=cfg, **kw), (q, k, v), (tq, tk, tv))
+            return jnp.sum(o * do) + jnp.sum(to * dto)
+        return jax.grad(loss, argnums=tuple(range(6)))
+
+    args = randn(14, [(4, 21, 2, 16)] * 8, jnp.float32)
+    ref = jax.jit(grad_fn(cfgs["kernels"]))(*args)
+    for impl, kernel in (("kernels", "tvm_flash_jvp_bwd_q"), ("matmul", "tvm_flash_jvp_bwd_v")):
+        assert kernel in str(jax.make_jaxpr(grad_fn(cfgs[impl]))(*args)), impl
+    mesh = jax.make_mesh((4,), ("data",))
+    with jax.set_mesh(mesh):
+        batch = NamedSharding(mesh, P("data"))
+        sgrad = jax.jit(grad_fn(cfgs["matmul"]))
+        sargs = [jax.device_put(x, batch) for x in args]
+        for x, y in zip(sgrad(*sargs), ref):
+            assert rel_err(x, np.asarray(y)) <= 1e-5
+            assert x.sharding.is_equivalent_to(batch, x.ndim), x.sharding
+        hlo = sgrad.lower(*sargs).compile().as_text()
+        assert "all-gather" not in hlo and "all-to-all" not in hlo and "all-reduce" not in hlo
+
+    stacked = [x.reshape(2, 2, *x.shape[1:]) for x in args]  # a vmapped leading axis of 2
+    g = jax.jit(jax.vmap(grad_fn(cfgs["matmul"])))(*stacked)
+    for x, y in zip(g, ref):
+        assert rel_err(x.reshape(y.shape), np.asarray(y)) <= 1e-5
