@@ -25,7 +25,7 @@ Math (per batch and head; ``c`` = softmax scale; all statistics fp32, per query 
 * How that backward runs (``AttentionConfig.jvp_bwd_impl``): ``"kernels"``, two kernels over
   key blocks (dk, dv, dtk, dtv) and query blocks (dq, dtq), each recomputing P, tS and dP; or
   ``"matmul"``, one kernel over key blocks (dv, dtv) that also writes dS and dtS, and the four
-  cotangents above that only need them as XLA matmuls (:func:`_dq_from_ds`, :func:`_dk_from_ds`).
+  cotangents above that only need them as XLA matmuls (:func:`_qk_grads_from_ds`).
 
 Matmul operands are in the input dtype, accumulation in fp32 (``preferred_element_type``);
 fp32 inputs use IEEE fp32 matmuls (``Precision.HIGHEST``, no TF32).
@@ -548,7 +548,6 @@ def _jvp_bwd_kv_kernel(
     dim = k.shape[-1]
     if write_ds and mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs that)
         real = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32) < st.kv_len)[:, None]
-    dk_here = not write_ds
 
     def body(i, carry_in):
         qs = pl.ds(_start(i, bq), bq)
@@ -573,25 +572,23 @@ def _jvp_bwd_kv_kernel(
         dv = carry_in[0] + _mm(pc, do, st) + _mm(tp.astype(dt), dto, st)
         dtv = carry_in[1] + _mm(pc, dto, st)
         dsc, dtsc = ds.astype(dt), dts.astype(dt)
-        carry = (dv, dtv)
-        if dk_here:
-            carry += (carry_in[2] + _mm(dsc, q, st) + _mm(dtsc, tq, st), carry_in[3] + _mm(dtsc, q, st))
-        if write_ds:
-            if mask_keys:
-                dsc, dtsc = jnp.where(real, dsc, 0), jnp.where(real, dtsc, 0)
-            out_refs[2][:, qs] = dsc
-            out_refs[3][:, qs] = dtsc
-        return carry
+        if not write_ds:
+            return dv, dtv, carry_in[2] + _mm(dsc, q, st) + _mm(dtsc, tq, st), carry_in[3] + _mm(dtsc, q, st)
+        if mask_keys:
+            dsc, dtsc = jnp.where(real, dsc, 0), jnp.where(real, dtsc, 0)
+        out_refs[2][:, qs] = dsc
+        out_refs[3][:, qs] = dtsc
+        return dv, dtv
 
     zeros = jnp.zeros((bk, dim), _F32)
     n_q = pl.cdiv(st.q_len, bq)
-    acc = lax.fori_loop(0, n_q, body, (zeros,) * (4 if dk_here else 2))
-    if dk_here:
-        dk_ref, dv_ref, dtk_ref, dtv_ref = out_refs[:4]
+    acc = lax.fori_loop(0, n_q, body, (zeros,) * (2 if write_ds else 4))
+    if write_ds:
+        dv_ref, dtv_ref = out_refs[:2]
+    else:
+        dk_ref, dv_ref, dtk_ref, dtv_ref = out_refs
         dk_ref[...] = (acc[2] * st.scale).astype(dk_ref.dtype)
         dtk_ref[...] = (acc[3] * st.scale).astype(dtk_ref.dtype)
-    else:
-        dv_ref, dtv_ref = out_refs[:2]
     dv_ref[...] = acc[0].astype(dv_ref.dtype)
     dtv_ref[...] = acc[1].astype(dtv_ref.dtype)
 
@@ -639,29 +636,27 @@ def _jvp_bwd_q_kernel(
     dtq_ref[...] = (dtq * st.scale).astype(dtq_ref.dtype)
 
 
-def _dq_from_ds(ds, dts, k, tk, sq: int, st: Static):
-    """dq = (dS k + dtS tk) * scale and dtq = dtS k * scale from the (B, H, Sk, Sq') transposed dS
-    and dtS that ``jvp_bwd_v`` wrote (``jvp_bwd_impl="matmul"``): batched XLA matmuls, fp32
-    accumulation, then rows Sq'..Sq (padding past the last written query block) as zeros."""
-    def mm(a, b):
-        return jnp.einsum("bhkq,bkhd->bqhd", a, b, precision=st.precision, preferred_element_type=_F32)
-
-    pad = ((0, 0), (0, sq - ds.shape[-1]), (0, 0), (0, 0))
-    dq = mm(ds, k) + mm(dts, tk)
-    dtq = mm(dts, k)
-    return tuple(jnp.pad((x * st.scale).astype(k.dtype), pad) for x in (dq, dtq))
-
-
-def _dk_from_ds(ds, dts, q, tq, st: Static):
-    """dk = (dS^T q + dtS^T tq) * scale and dtk = dtS^T q * scale (``jvp_bwd_impl="matmul"``), over
-    the query rows dS was written for."""
-    wq = ds.shape[-1]
+def _qk_grads_from_ds(ds, dts, q, k, tq, tk, st: Static):
+    """dq, dk, dtq, dtk from the (B, H, Sk, Sq') transposed dS and dtS that ``jvp_bwd_v`` wrote
+    (``jvp_bwd_impl="matmul"``), as batched XLA matmuls with fp32 accumulation:
+    dq = (dS k + dtS tk) c, dtq = dtS k c over the keys; dk = (dS^T q + dtS^T tq) c, dtk = dtS^T q c
+    over the query rows dS was written for. dq and dtq rows past Sq' (padding beyond the last
+    written query block) come back as zeros."""
+    sq, wq = q.shape[1], ds.shape[-1]
     q, tq = q[:, :wq], tq[:, :wq]
 
-    def mm(a, b):
-        return jnp.einsum("bhkq,bqhd->bkhd", a, b, precision=st.precision, preferred_element_type=_F32)
+    def mm(spec, a, b):
+        return jnp.einsum(spec, a, b, precision=st.precision, preferred_element_type=_F32)
 
-    return tuple((x * st.scale).astype(q.dtype) for x in (mm(ds, q) + mm(dts, tq), mm(dts, q)))
+    def out(x, pad=0):
+        return jnp.pad((x * st.scale).astype(k.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+    over_keys, over_queries = "bhkq,bkhd->bqhd", "bhkq,bqhd->bkhd"
+    dq = out(mm(over_keys, ds, k) + mm(over_keys, dts, tk), sq - wq)
+    dtq = out(mm(over_keys, dts, k), sq - wq)
+    dk = out(mm(over_queries, ds, q) + mm(over_queries, dts, tq))
+    dtk = out(mm(over_queries, dts, q))
+    return dq, dk, dtq, dtk
 
 
 def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
@@ -696,8 +691,7 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     )(*args)
     if by_matmul:
         dv, dtv, ds, dts = outs
-        dq, dtq = _dq_from_ds(ds, dts, k, tk, sq, st)
-        dk, dtk = _dk_from_ds(ds, dts, q, tq, st)
+        dq, dk, dtq, dtk = _qk_grads_from_ds(ds, dts, q, k, tq, tk, st)
         return dq, dk, dv, dtq, dtk, dtv
     dk, dv, dtk, dtv = outs
 
