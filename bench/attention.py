@@ -36,7 +36,10 @@ With several shapes, ``best_config_per_head_dim`` merges them: per kernel, the c
 with the smallest summed slowdown relative to each shape's fastest (candidate lists per
 head dim in ``SWEEP``).
 
-Needs only jax and numpy. ``--interpret`` runs everything in the Pallas interpreter (a
+``--profile`` traces two more calls of each Pallas kind and stores where one call's device time
+goes, per kernel and per op family (``tvm_jax.profiling``).
+
+Needs only jax and numpy (and ``tvm_jax`` for ``--profile``). ``--interpret`` runs everything in the Pallas interpreter (a
 CPU smoke test of this script with tiny shapes; timings then mean nothing).
 """
 from __future__ import annotations
@@ -119,8 +122,17 @@ SWEEP_MEASURE = {
     "jvp_bwd_q": "jvp_fwd_bwd",
     "jvp_bwd_v": "jvp_fwd_bwd",
 }
-# The tangent backward's kernels run under one jvp_bwd_impl each: a sweep of one sets it.
+# The tangent backward's kernels run under one jvp_bwd_impl each: a sweep of one sets it (jvp_bwd_v
+# runs under "matmul" and "matmul_all": the sweep keeps the base config's where it is one of those).
 SWEEP_IMPL = {"jvp_bwd_kv": "kernels", "jvp_bwd_q": "kernels", "jvp_bwd_v": "matmul"}
+MATMUL_IMPLS = ("matmul", "matmul_all")
+
+
+def sweep_impl(name, base_cfg):
+    """The jvp_bwd_impl a sweep of kernel ``name`` runs under (None: the kernel does not care)."""
+    if name == "jvp_bwd_v" and base_cfg.jvp_bwd_impl in MATMUL_IMPLS:
+        return base_cfg.jvp_bwd_impl
+    return SWEEP_IMPL.get(name)
 
 
 def parse_shapes(text):
@@ -287,6 +299,26 @@ def measure(compiled, arg_sets, iters, shape):
     return res
 
 
+def profile_kinds(compiled, args, calls=2):
+    """{kind: {ms_per_call_by_family, by_kernel}} of two traced calls of each compiled kind: where
+    one call's device time goes (tvm_jax.profiling; by_kernel: ms per call per kernel name)."""
+    from tvm_jax import profiling
+
+    out = {}
+    for kind, fn in compiled.items():
+        if isinstance(fn, str):
+            continue
+        prof = profiling.profile(lambda: fn(*args), calls=calls, hlo_text=fn.as_text())
+        by_kernel = {}
+        for r in prof["rows"]:
+            by_kernel[r["kernel"]] = by_kernel.get(r["kernel"], 0.0) + r["total_ms"] / calls
+        out[kind] = {"ms_per_call_by_family": prof["summary"],
+                     "by_kernel": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1]))}
+        top = ", ".join(f"{k[:40]} {v:.3f}" for k, v in list(out[kind]["by_kernel"].items())[:6])
+        print(f"  profile {kind}: {top}", flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- sweep
 
 
@@ -306,7 +338,7 @@ def sweep_shape(shape, base_cfg, arg_sets, iters, interpret, kernels):
         rows = []
         for bq, bk, w, st in candidates[name]:
             kc = KernelConfig(bq, bk, w, st)
-            impl = {"jvp_bwd_impl": SWEEP_IMPL[name]} if name in SWEEP_IMPL else {}
+            impl = {"jvp_bwd_impl": sweep_impl(name, base_cfg)} if sweep_impl(name, base_cfg) else {}
             cfg = dataclasses.replace(base_cfg, **{name: kc}, **impl)
             fns = make_fns("pallas", scale, cfg, interpret)
             try:
@@ -376,6 +408,8 @@ def main(argv=None):
     p.add_argument("--no-xla", action="store_true", help="skip the XLA timings")
     p.add_argument("--no-cudnn", action="store_true", help="skip cuDNN")
     p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
+    p.add_argument("--profile", action="store_true", help="also trace 2 calls of each timed Pallas kind and "
+                   "store the device time per kernel and per op family (tvm_jax.profiling)")
     p.add_argument("--kinds", default=DEFAULT_KINDS,
                    help=f"what to time, of {sorted(FLOP_FACTOR)} (plain_fwd: the forward alone, as sampling runs it)")
     args = p.parse_args(argv)
@@ -452,6 +486,8 @@ def main(argv=None):
                           + (f" {mem:9.1f} MB" if mem is not None else ""), flush=True)  # fmt: skip
                 else:
                     print(f"  {impl:6s} {kind:14s} FAILED {r.get('error', '')[:200]}", flush=True)
+        if args.profile:
+            entry["profile"] = profile_kinds(compiled["pallas"], arg_sets[0])
         del compiled
         if args.sweep:
             entry["sweep"] = sweep_shape(shape, cfg, arg_sets, iters, args.interpret, sweep_kernels)

@@ -218,6 +218,10 @@
 #                                      # ("auto": matmul), twice | GPU1 the rest of the native kernel suite
 #   bash bench/gpu_step_session.sh z51 # the 256px step at the same time: GPU0 this tree (jvp_bwd_impl landed; head dim 64
 #                                      # keeps "kernels") | GPU1 .baseline/base.tgz (main before it)
+#   bash bench/gpu_step_session.sh z52 # jvp_bwd_impl="matmul_all" (P, tP, dS, dtS written; all six cotangents as
+#                                      # matmuls) and the merged dS matmuls: GPU0 error check + profile, A/B against
+#                                      # .baseline/base.tgz (main) alternating twice, profiles | GPU1 native tests,
+#                                      # a jvp_bwd_v sweep under "matmul_all"
 # z46-z48 ran the first forms of that option (AttentionConfig.jvp_dq: "kernel", "matmul" = dq and dtq
 # only, "matmul_qk" = today's "matmul"); the code that knew those names is commits 44b6552, 0513a1a
 # and 39b7375: check one out to repeat them.
@@ -1095,6 +1099,40 @@ PY
     run_tree 0 "$PWD" 175 train_step_h200_jvp_bwd_impl_gpu0 --variants default
     wait
     for f in /tmp/log_*jvp_bwd_impl*.txt; do echo "--- $f"; tail -n 3 "$f" | cut -c1-300; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51" >&2; exit 2 ;;
+  z52)
+    unpack_base || exit 1
+    log "jvp_bwd_impl='matmul_all' and the merged dS matmuls: GPU0 error check + profile, A/B against main (.baseline/base.tgz) alternating twice, profiles | GPU1 native tests, then a jvp_bwd_v sweep under matmul_all"
+    echo '{"jvp_bwd_impl": "matmul_all"}' > /tmp/mall.json
+    echo '{"jvp_bwd_impl": "kernels"}' > /tmp/kernels.json
+    (CUDA_VISIBLE_DEVICES=1 timeout 260 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py \
+        -k "(native_tangent or grad_of_jvp) and matmul" -p no:cacheprovider > "$OUT/pytest_gpu_h200_jvp_bwd_matmul_all.log" 2>&1
+     CUDA_VISIBLE_DEVICES=1 timeout 200 python3 bench/attention.py --shapes "1,24,4096,128" --no-xla --no-cudnn \
+        --kinds jvp_fwd_bwd --config /tmp/mall.json --sweep --sweep-kernels jvp_bwd_v \
+        --out "$OUT/attention_sweep_h200_jvp_bwd_matmul_all.json" > /tmp/log_attention_sweep_matmul_all.txt 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 100 python3 bench/attention.py --no-cudnn --kinds jvp_fwd_bwd,plain_fwd_bwd --profile \
+        --shapes "1,24,4096,128" --config /tmp/mall.json --out "$OUT/attention_h200_matmul_all_check.json" \
+        > /tmp/log_attention_matmul_all_check.txt 2>&1
+    for run in 1 2; do
+      CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/base:/tmp/site timeout 50 python3 /tmp/base/bench/attention.py --no-xla --no-cudnn \
+          --kinds jvp_fwd_bwd --shapes "1,24,2048,128;1,24,4096,128" --out "$OUT/attention_h200_main_defaults_$run.json" \
+          > "/tmp/log_attention_main_$run.txt" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout 50 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd \
+          --shapes "1,24,2048,128;1,24,4096,128" --out "$OUT/attention_h200_merged_ds_defaults_$run.json" \
+          > "/tmp/log_attention_merged_$run.txt" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout 50 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --config /tmp/mall.json \
+          --shapes "1,24,2048,128;1,24,4096,128" --out "$OUT/attention_h200_matmul_all_$run.json" \
+          > "/tmp/log_attention_matmul_all_$run.txt" 2>&1
+    done
+    CUDA_VISIBLE_DEVICES=0 timeout 70 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --profile \
+        --shapes "1,24,4096,128" --out "$OUT/attention_h200_merged_ds_profile.json" > /tmp/log_attention_profile_merged.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 70 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --profile --config /tmp/kernels.json \
+        --shapes "1,24,4096,128" --out "$OUT/attention_h200_kernels_profile.json" > /tmp/log_attention_profile_kernels.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 70 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --config /tmp/mall.json \
+        --shapes "1,24,1024,128;1,24,8192,128" --out "$OUT/attention_h200_matmul_all_1024_8192.json" \
+        > /tmp/log_attention_matmul_all_more.txt 2>&1
+    wait
+    tail -n 3 "$OUT/pytest_gpu_h200_jvp_bwd_matmul_all.log"
+    for f in /tmp/log_attention*.txt; do echo "--- $f"; grep "pallas\|rel err\|profile\|sweep\|Error\|error" "$f" | grep -v "^ *B,H" | head -24 | cut -c1-260; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52" >&2; exit 2 ;;
 esac
 log done

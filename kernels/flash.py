@@ -25,7 +25,9 @@ Math (per batch and head; ``c`` = softmax scale; all statistics fp32, per query 
 * How that backward runs (``AttentionConfig.jvp_bwd_impl``): ``"kernels"``, two kernels over
   key blocks (dk, dv, dtk, dtv) and query blocks (dq, dtq), each recomputing P, tS and dP; or
   ``"matmul"``, one kernel over key blocks (dv, dtv) that also writes dS and dtS, and the four
-  cotangents above that only need them as XLA matmuls (:func:`_qk_grads_from_ds`).
+  cotangents above that only need them as XLA matmuls; or ``"matmul_all"``, one kernel over key
+  blocks that writes P, tP, dS and dtS and accumulates nothing, and all six cotangents as XLA
+  matmuls (:func:`_grads_from_written`).
 
 Matmul operands are in the input dtype, accumulation in fp32 (``preferred_element_type``);
 fp32 inputs use IEEE fp32 matmuls (``Precision.HIGHEST``, no TF32).
@@ -532,13 +534,20 @@ def jvp_fwd_call(q, k, v, tq, tk, tv, st: Static):
 
 def _jvp_bwd_kv_kernel(
     q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
-    lse_ref, mu_ref, delta_ref, nu_ref, *out_refs, st, kc, write_ds, mask_keys,
+    lse_ref, mu_ref, delta_ref, nu_ref, *out_refs, st, kc, form, mask_keys,
 ):  # fmt: skip
-    """One key block of the tangent backward. ``jvp_bwd_kv`` (``write_ds`` False): dk, dv, dtk,
-    dtv. ``jvp_bwd_v`` (``write_ds``, ``jvp_bwd_impl="matmul"``): dv, dtv, and that block's rows
-    of dS and dtS, transposed (keys, queries) and rounded as the kv kernel rounds them for its
-    matmuls. ``mask_keys``: the arrays hold padded keys; their dS rows are written as zeros
-    (their probabilities are not masked here and may overflow; dk of padded keys is dropped)."""
+    """One key block of the tangent backward, by ``form``:
+
+    * ``"kv"`` (``jvp_bwd_kv``, ``jvp_bwd_impl="kernels"``): accumulates dk, dv, dtk, dtv;
+    * ``"ds"`` (``jvp_bwd_v``, ``"matmul"``): accumulates dv, dtv and writes that block's rows of
+      dS and dtS;
+    * ``"p"`` (``jvp_bwd_p``, ``"matmul_all"``): accumulates nothing and writes that block's rows
+      of P, tP, dS and dtS.
+
+    Written matrices are transposed (keys, queries) and rounded as the kv form rounds them for its
+    matmuls. ``mask_keys``: the arrays hold padded keys; their rows of the written matrices are
+    zeros (their probabilities are not masked here and may overflow; dk of padded keys is
+    dropped)."""
     bq, bk = kc.block_q, kc.block_k
     k = k_ref[...]
     v = v_ref[...]
@@ -546,8 +555,13 @@ def _jvp_bwd_kv_kernel(
     tv = tv_ref[...]
     dt = k.dtype
     dim = k.shape[-1]
-    if write_ds and mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs that)
+    writes = form != "kv"
+    if writes and mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs that)
         real = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32) < st.kv_len)[:, None]
+
+    def store(refs, qs, tiles):
+        for ref, tile in zip(refs, tiles):
+            ref[:, qs] = jnp.where(real, tile, 0) if mask_keys else tile
 
     def body(i, carry_in):
         qs = pl.ds(_start(i, bq), bq)
@@ -568,27 +582,29 @@ def _jvp_bwd_kv_kernel(
         tp = p * tsc
         ds = p * (dp + dtp * tsc - nu * ts - delta)
         dts = p * (dtp - nu)
-        pc = p.astype(dt)
-        dv = carry_in[0] + _mm(pc, do, st) + _mm(tp.astype(dt), dto, st)
+        pc, tpc, dsc, dtsc = p.astype(dt), tp.astype(dt), ds.astype(dt), dts.astype(dt)
+        if form == "p":
+            store(out_refs, qs, (pc, tpc, dsc, dtsc))
+            return carry_in
+        dv = carry_in[0] + _mm(pc, do, st) + _mm(tpc, dto, st)
         dtv = carry_in[1] + _mm(pc, dto, st)
-        dsc, dtsc = ds.astype(dt), dts.astype(dt)
-        if not write_ds:
+        if form == "kv":
             return dv, dtv, carry_in[2] + _mm(dsc, q, st) + _mm(dtsc, tq, st), carry_in[3] + _mm(dtsc, q, st)
-        if mask_keys:
-            dsc, dtsc = jnp.where(real, dsc, 0), jnp.where(real, dtsc, 0)
-        out_refs[2][:, qs] = dsc
-        out_refs[3][:, qs] = dtsc
+        store(out_refs[2:], qs, (dsc, dtsc))
         return dv, dtv
 
-    zeros = jnp.zeros((bk, dim), _F32)
     n_q = pl.cdiv(st.q_len, bq)
-    acc = lax.fori_loop(0, n_q, body, (zeros,) * (2 if write_ds else 4))
-    if write_ds:
-        dv_ref, dtv_ref = out_refs[:2]
-    else:
+    if form == "p":
+        lax.fori_loop(0, n_q, body, ())
+        return
+    zeros = jnp.zeros((bk, dim), _F32)
+    acc = lax.fori_loop(0, n_q, body, (zeros,) * (4 if form == "kv" else 2))
+    if form == "kv":
         dk_ref, dv_ref, dtk_ref, dtv_ref = out_refs
         dk_ref[...] = (acc[2] * st.scale).astype(dk_ref.dtype)
         dtk_ref[...] = (acc[3] * st.scale).astype(dtk_ref.dtype)
+    else:
+        dv_ref, dtv_ref = out_refs[:2]
     dv_ref[...] = acc[0].astype(dv_ref.dtype)
     dtv_ref[...] = acc[1].astype(dtv_ref.dtype)
 
@@ -636,27 +652,45 @@ def _jvp_bwd_q_kernel(
     dtq_ref[...] = (dtq * st.scale).astype(dtq_ref.dtype)
 
 
-def _qk_grads_from_ds(ds, dts, q, k, tq, tk, st: Static):
-    """dq, dk, dtq, dtk from the (B, H, Sk, Sq') transposed dS and dtS that ``jvp_bwd_v`` wrote
-    (``jvp_bwd_impl="matmul"``), as batched XLA matmuls with fp32 accumulation:
-    dq = (dS k + dtS tk) c, dtq = dtS k c over the keys; dk = (dS^T q + dtS^T tq) c, dtk = dtS^T q c
-    over the query rows dS was written for. dq and dtq rows past Sq' (padding beyond the last
-    written query block) come back as zeros."""
-    sq, wq = q.shape[1], ds.shape[-1]
-    q, tq = q[:, :wq], tq[:, :wq]
+def _grads_from_written(written, q, k, tq, tk, do, dto, st: Static):
+    """The cotangents that XLA matmuls take from the transposed (B, H, Sk, Sq') matrices the
+    tangent backward kernel wrote, with fp32 accumulation (cuBLAS on a GPU). ``written`` is (dS, dtS)
+    (``jvp_bwd_impl="matmul"``: returns dq, dk, dtq, dtk) or (P, tP, dS, dtS) (``"matmul_all"``:
+    returns dq, dk, dv, dtq, dtk, dtv):
+
+    dq = (dS k + dtS tk) c, dtq = dtS k c over the keys; dk = (dS^T q + dtS^T tq) c, dtk = dtS^T q c,
+    dv = P^T dO + tP^T dtO, dtv = P^T dtO over the query rows the matrices were written for.
+    Where one matrix meets two operands, they are one matmul of twice the width (dtS [k | tk],
+    dtS^T [q | tq], P^T [dO | dtO]), so each matrix is read once per side. dq and dtq rows past
+    Sq' (padding beyond the last written query block) come back as zeros."""
+    sq, wq = q.shape[1], written[0].shape[-1]
+    q, tq, do, dto = (x[:, :wq] for x in (q, tq, do, dto))
+    dim = k.shape[-1]
 
     def mm(spec, a, b):
         return jnp.einsum(spec, a, b, precision=st.precision, preferred_element_type=_F32)
 
-    def out(x, pad=0):
-        return jnp.pad((x * st.scale).astype(k.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    def out(x, c=st.scale, pad=0):
+        return jnp.pad((x * c).astype(k.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+    def pair(x, y):
+        return jnp.concatenate([x, y], axis=-1)
 
     over_keys, over_queries = "bhkq,bkhd->bqhd", "bhkq,bqhd->bkhd"
-    dq = out(mm(over_keys, ds, k) + mm(over_keys, dts, tk), sq - wq)
-    dtq = out(mm(over_keys, dts, k), sq - wq)
-    dk = out(mm(over_queries, ds, q) + mm(over_queries, dts, tq))
-    dtk = out(mm(over_queries, dts, q))
-    return dq, dk, dtq, dtk
+    *pv, ds, dts = written
+    dts_k = mm(over_keys, dts, pair(k, tk))  # (dtS k, dtS tk)
+    dq = out(mm(over_keys, ds, k) + dts_k[..., dim:], pad=sq - wq)
+    dtq = out(dts_k[..., :dim], pad=sq - wq)
+    dts_q = mm(over_queries, dts, pair(q, tq))  # (dtS^T q, dtS^T tq)
+    dk = out(mm(over_queries, ds, q) + dts_q[..., dim:])
+    dtk = out(dts_q[..., :dim])
+    if not pv:
+        return dq, dk, dtq, dtk
+    p, tp = pv
+    p_o = mm(over_queries, p, pair(do, dto))  # (P^T dO, P^T dtO)
+    dv = out(p_o[..., :dim] + mm(over_queries, tp, dto), c=1.0)
+    dtv = out(p_o[..., dim:], c=1.0)
+    return dq, dk, dv, dtq, dtk, dtv
 
 
 def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
@@ -668,30 +702,34 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     args = (q, k, v, tq, tk, tv, do, dto, lse, mu, delta, nu)
 
     mode = jvp_bwd_impl_choice(st.cfg.jvp_bwd_impl, b, h, sq, sk, jnp.dtype(q.dtype).itemsize)
-    by_matmul = mode == "matmul"
-    kc = st.cfg.jvp_bwd_v if by_matmul else st.cfg.jvp_bwd_kv
+    form = {"kernels": "kv", "matmul": "ds", "matmul_all": "p"}[mode]
+    kc = st.cfg.jvp_bwd_kv if form == "kv" else st.cfg.jvp_bwd_v
     q_all = _all_rows_spec(sq, d)
     k_blk = _rows_spec(kc.block_k, d)
     stat_all = _all_stat_spec(sq)
     out_specs, out_shape = [k_blk] * 4, [_like(k)] * 4
-    if by_matmul:  # dv, dtv, then dS and dtS: (B, H, Sk, Sq') with Sq' its query blocks up to q_len
+    if form != "kv":  # dv, dtv ("ds"), then the (B, H, Sk, Sq') matrices, Sq' its query blocks up to q_len
         wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
-        ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
-        ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
-        out_specs, out_shape = [k_blk] * 2 + [ds_blk] * 2, [_like(k)] * 2 + [ds_like] * 2
+        mat_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
+        mat_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
+        n_vec = 2 if form == "ds" else 0
+        out_specs = [k_blk] * n_vec + [mat_blk] * (4 - n_vec)
+        out_shape = [_like(k)] * n_vec + [mat_like] * (4 - n_vec)
     outs = pl.pallas_call(
-        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, write_ds=by_matmul, mask_keys=sk != st.kv_len),
+        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, form=form, mask_keys=sk != st.kv_len),
         grid=(sk // kc.block_k, b, h),
         in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_params(kc),
         interpret=st.interpret,
-        name="tvm_flash_jvp_bwd_v" if by_matmul else "tvm_flash_jvp_bwd_kv",
+        name={"kv": "tvm_flash_jvp_bwd_kv", "ds": "tvm_flash_jvp_bwd_v", "p": "tvm_flash_jvp_bwd_p"}[form],
     )(*args)
-    if by_matmul:
+    if form == "p":
+        return _grads_from_written(outs, q, k, tq, tk, do, dto, st)
+    if form == "ds":
         dv, dtv, ds, dts = outs
-        dq, dk, dtq, dtk = _qk_grads_from_ds(ds, dts, q, k, tq, tk, st)
+        dq, dk, dtq, dtk = _grads_from_written((ds, dts), q, k, tq, tk, do, dto, st)
         return dq, dk, dv, dtq, dtk, dtv
     dk, dv, dtk, dtv = outs
 
