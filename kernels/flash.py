@@ -25,9 +25,9 @@ Math (per batch and head; ``c`` = softmax scale; all statistics fp32, per query 
 * How that backward runs (``AttentionConfig.jvp_bwd_impl``): ``"kernels"``, two kernels over
   key blocks (dk, dv, dtk, dtv) and query blocks (dq, dtq), each recomputing P, tS and dP; or
   ``"matmul"``, one kernel over key blocks (dv, dtv) that also writes dS and dtS, and the four
-  cotangents above that only need them as XLA matmuls; or ``"matmul_all"``, one kernel over key
-  blocks that writes P, tP, dS and dtS and accumulates nothing, and all six cotangents as XLA
-  matmuls (:func:`_grads_from_written`).
+  cotangents above that only need them as XLA matmuls (:func:`_qk_grads_from_ds`); or
+  ``"matmul_kv"``, the query-block kernel (dq, dtq) that also writes P, tP, dS and dtS, and dk,
+  dv, dtk, dtv as XLA matmuls of those (:func:`_kv_grads_from_p`).
 
 Matmul operands are in the input dtype, accumulation in fp32 (``preferred_element_type``);
 fp32 inputs use IEEE fp32 matmuls (``Precision.HIGHEST``, no TF32).
@@ -534,20 +534,13 @@ def jvp_fwd_call(q, k, v, tq, tk, tv, st: Static):
 
 def _jvp_bwd_kv_kernel(
     q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
-    lse_ref, mu_ref, delta_ref, nu_ref, *out_refs, st, kc, form, mask_keys,
+    lse_ref, mu_ref, delta_ref, nu_ref, *out_refs, st, kc, write_ds, mask_keys,
 ):  # fmt: skip
-    """One key block of the tangent backward, by ``form``:
-
-    * ``"kv"`` (``jvp_bwd_kv``, ``jvp_bwd_impl="kernels"``): accumulates dk, dv, dtk, dtv;
-    * ``"ds"`` (``jvp_bwd_v``, ``"matmul"``): accumulates dv, dtv and writes that block's rows of
-      dS and dtS;
-    * ``"p"`` (``jvp_bwd_p``, ``"matmul_all"``): accumulates nothing and writes that block's rows
-      of P, tP, dS and dtS.
-
-    Written matrices are transposed (keys, queries) and rounded as the kv form rounds them for its
-    matmuls. ``mask_keys``: the arrays hold padded keys; their rows of the written matrices are
-    zeros (their probabilities are not masked here and may overflow; dk of padded keys is
-    dropped)."""
+    """One key block of the tangent backward. ``jvp_bwd_kv`` (``write_ds`` False): dk, dv, dtk,
+    dtv. ``jvp_bwd_v`` (``write_ds``, ``jvp_bwd_impl="matmul"``): dv, dtv, and that block's rows
+    of dS and dtS, transposed (keys, queries) and rounded as the kv kernel rounds them for its
+    matmuls. ``mask_keys``: the arrays hold padded keys; their dS rows are written as zeros
+    (their probabilities are not masked here and may overflow; dk of padded keys is dropped)."""
     bq, bk = kc.block_q, kc.block_k
     k = k_ref[...]
     v = v_ref[...]
@@ -555,13 +548,8 @@ def _jvp_bwd_kv_kernel(
     tv = tv_ref[...]
     dt = k.dtype
     dim = k.shape[-1]
-    writes = form != "kv"
-    if writes and mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs that)
+    if write_ds and mask_keys:  # this block's real keys (program_id outside the loop: the interpreter needs that)
         real = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32) < st.kv_len)[:, None]
-
-    def store(refs, qs, tiles):
-        for ref, tile in zip(refs, tiles):
-            ref[:, qs] = jnp.where(real, tile, 0) if mask_keys else tile
 
     def body(i, carry_in):
         qs = pl.ds(_start(i, bq), bq)
@@ -582,29 +570,27 @@ def _jvp_bwd_kv_kernel(
         tp = p * tsc
         ds = p * (dp + dtp * tsc - nu * ts - delta)
         dts = p * (dtp - nu)
-        pc, tpc, dsc, dtsc = p.astype(dt), tp.astype(dt), ds.astype(dt), dts.astype(dt)
-        if form == "p":
-            store(out_refs, qs, (pc, tpc, dsc, dtsc))
-            return carry_in
-        dv = carry_in[0] + _mm(pc, do, st) + _mm(tpc, dto, st)
+        pc = p.astype(dt)
+        dv = carry_in[0] + _mm(pc, do, st) + _mm(tp.astype(dt), dto, st)
         dtv = carry_in[1] + _mm(pc, dto, st)
-        if form == "kv":
+        dsc, dtsc = ds.astype(dt), dts.astype(dt)
+        if not write_ds:
             return dv, dtv, carry_in[2] + _mm(dsc, q, st) + _mm(dtsc, tq, st), carry_in[3] + _mm(dtsc, q, st)
-        store(out_refs[2:], qs, (dsc, dtsc))
+        if mask_keys:
+            dsc, dtsc = jnp.where(real, dsc, 0), jnp.where(real, dtsc, 0)
+        out_refs[2][:, qs] = dsc
+        out_refs[3][:, qs] = dtsc
         return dv, dtv
 
-    n_q = pl.cdiv(st.q_len, bq)
-    if form == "p":
-        lax.fori_loop(0, n_q, body, ())
-        return
     zeros = jnp.zeros((bk, dim), _F32)
-    acc = lax.fori_loop(0, n_q, body, (zeros,) * (4 if form == "kv" else 2))
-    if form == "kv":
+    n_q = pl.cdiv(st.q_len, bq)
+    acc = lax.fori_loop(0, n_q, body, (zeros,) * (2 if write_ds else 4))
+    if write_ds:
+        dv_ref, dtv_ref = out_refs[:2]
+    else:
         dk_ref, dv_ref, dtk_ref, dtv_ref = out_refs
         dk_ref[...] = (acc[2] * st.scale).astype(dk_ref.dtype)
         dtk_ref[...] = (acc[3] * st.scale).astype(dtk_ref.dtype)
-    else:
-        dv_ref, dtv_ref = out_refs[:2]
     dv_ref[...] = acc[0].astype(dv_ref.dtype)
     dtv_ref[...] = acc[1].astype(dtv_ref.dtype)
 
@@ -612,8 +598,12 @@ def _jvp_bwd_kv_kernel(
 def _jvp_bwd_q_kernel(
     q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
     lse_ref, mu_ref, delta_ref, nu_ref,
-    dq_ref, dtq_ref, *, st, kc,
+    dq_ref, dtq_ref, *mat_refs, st, kc,
 ):  # fmt: skip
+    """One query block of the tangent backward: dq, dtq; with ``mat_refs`` (``jvp_bwd_impl=
+    "matmul_kv"``) also that block's rows of P, tP, dS and dtS, (queries, keys), rounded as the
+    kernels round them for their matmuls; padded keys' columns are zeros (their logits are
+    masked)."""
     bk = kc.block_k
     q = q_ref[...]
     tq = tq_ref[...]
@@ -641,8 +631,11 @@ def _jvp_bwd_q_kernel(
         tsc = ts - mu
         ds = p * (dp + dtp * tsc - nu * ts - delta)
         dts = p * (dtp - nu)
-        dtsc = dts.astype(dt)
-        dq = dq + _mm(ds.astype(dt), k, st) + _mm(dtsc, tk, st)
+        dsc, dtsc = ds.astype(dt), dts.astype(dt)
+        if mat_refs:
+            for ref, tile in zip(mat_refs, (p.astype(dt), (p * tsc).astype(dt), dsc, dtsc)):
+                ref[:, ks] = tile
+        dq = dq + _mm(dsc, k, st) + _mm(dtsc, tk, st)
         dtq = dtq + _mm(dtsc, k, st)
         return dq, dtq
 
@@ -652,45 +645,49 @@ def _jvp_bwd_q_kernel(
     dtq_ref[...] = (dtq * st.scale).astype(dtq_ref.dtype)
 
 
-def _grads_from_written(written, q, k, tq, tk, do, dto, st: Static):
-    """The cotangents that XLA matmuls take from the transposed (B, H, Sk, Sq') matrices the
-    tangent backward kernel wrote, with fp32 accumulation (cuBLAS on a GPU). ``written`` is (dS, dtS)
-    (``jvp_bwd_impl="matmul"``: returns dq, dk, dtq, dtk) or (P, tP, dS, dtS) (``"matmul_all"``:
-    returns dq, dk, dv, dtq, dtk, dtv):
+def _mm_f32(spec, a, b, st: Static):
+    return jnp.einsum(spec, a, b, precision=st.precision, preferred_element_type=_F32)
 
-    dq = (dS k + dtS tk) c, dtq = dtS k c over the keys; dk = (dS^T q + dtS^T tq) c, dtk = dtS^T q c,
-    dv = P^T dO + tP^T dtO, dtv = P^T dtO over the query rows the matrices were written for.
-    Where one matrix meets two operands, they are one matmul of twice the width (dtS [k | tk],
-    dtS^T [q | tq], P^T [dO | dtO]), so each matrix is read once per side. dq and dtq rows past
-    Sq' (padding beyond the last written query block) come back as zeros."""
-    sq, wq = q.shape[1], written[0].shape[-1]
-    q, tq, do, dto = (x[:, :wq] for x in (q, tq, do, dto))
-    dim = k.shape[-1]
 
-    def mm(spec, a, b):
-        return jnp.einsum(spec, a, b, precision=st.precision, preferred_element_type=_F32)
+def _cotangent(x, like, rows: int, c: float = 1.0):
+    """fp32 (B, S', H, D) matmul result -> ``c x`` in ``like``'s dtype, zero rows appended up to
+    ``rows`` (those past the written width of the matrices it came from)."""
+    return jnp.pad((x * c).astype(like.dtype), ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, 0)))
 
-    def out(x, c=st.scale, pad=0):
-        return jnp.pad((x * c).astype(k.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
 
-    def pair(x, y):
-        return jnp.concatenate([x, y], axis=-1)
+def _pair(x, y):
+    return jnp.concatenate([x, y], axis=-1)
 
+
+def _qk_grads_from_ds(ds, dts, q, k, tq, tk, st: Static):
+    """dq, dk, dtq, dtk from the (B, H, Sk, Sq') transposed dS and dtS that ``jvp_bwd_v`` wrote
+    (``jvp_bwd_impl="matmul"``), as batched XLA matmuls with fp32 accumulation (cuBLAS on a GPU):
+    dq = (dS k + dtS tk) c, dtq = dtS k c over the keys; dk = (dS^T q + dtS^T tq) c, dtk = dtS^T q c
+    over the query rows dS was written for. dtS meets two operands on each side: one matmul of
+    twice the width each (dtS [k | tk], dtS^T [q | tq]), so each matrix is read once per side."""
+    sq, wq, dim = q.shape[1], ds.shape[-1], k.shape[-1]
+    q, tq = q[:, :wq], tq[:, :wq]
     over_keys, over_queries = "bhkq,bkhd->bqhd", "bhkq,bqhd->bkhd"
-    *pv, ds, dts = written
-    dts_k = mm(over_keys, dts, pair(k, tk))  # (dtS k, dtS tk)
-    dq = out(mm(over_keys, ds, k) + dts_k[..., dim:], pad=sq - wq)
-    dtq = out(dts_k[..., :dim], pad=sq - wq)
-    dts_q = mm(over_queries, dts, pair(q, tq))  # (dtS^T q, dtS^T tq)
-    dk = out(mm(over_queries, ds, q) + dts_q[..., dim:])
-    dtk = out(dts_q[..., :dim])
-    if not pv:
-        return dq, dk, dtq, dtk
-    p, tp = pv
-    p_o = mm(over_queries, p, pair(do, dto))  # (P^T dO, P^T dtO)
-    dv = out(p_o[..., :dim] + mm(over_queries, tp, dto), c=1.0)
-    dtv = out(p_o[..., dim:], c=1.0)
-    return dq, dk, dv, dtq, dtk, dtv
+    dts_k = _mm_f32(over_keys, dts, _pair(k, tk), st)  # (dtS k, dtS tk)
+    dts_q = _mm_f32(over_queries, dts, _pair(q, tq), st)  # (dtS^T q, dtS^T tq)
+    dq = _cotangent(_mm_f32(over_keys, ds, k, st) + dts_k[..., dim:], k, sq, st.scale)
+    dk = _cotangent(_mm_f32(over_queries, ds, q, st) + dts_q[..., dim:], k, k.shape[1], st.scale)
+    return dq, dk, _cotangent(dts_k[..., :dim], k, sq, st.scale), _cotangent(dts_q[..., :dim], k, k.shape[1], st.scale)
+
+
+def _kv_grads_from_p(p, tp, ds, dts, q, k, tq, do, dto, st: Static):
+    """dk, dv, dtk, dtv from the (B, H, Sq, Sk') P, tP, dS and dtS that the query-block kernel wrote
+    (``jvp_bwd_impl="matmul_kv"``), as batched XLA matmuls over the queries with fp32 accumulation:
+    dk = (dS^T q + dtS^T tq) c, dtk = dtS^T q c, dv = P^T dO + tP^T dtO, dtv = P^T dtO, as four
+    matmuls (dtS^T [q | tq] and P^T [dO | dtO] at twice the width). Rows of keys past Sk' (padding
+    beyond the last written key block) come back as zeros."""
+    sk, dim = k.shape[1], k.shape[-1]
+    over_queries = "bhqk,bqhd->bkhd"
+    dts_q = _mm_f32(over_queries, dts, _pair(q, tq), st)  # (dtS^T q, dtS^T tq)
+    p_o = _mm_f32(over_queries, p, _pair(do, dto), st)  # (P^T dO, P^T dtO)
+    dk = _cotangent(_mm_f32(over_queries, ds, q, st) + dts_q[..., dim:], k, sk, st.scale)
+    dv = _cotangent(p_o[..., :dim] + _mm_f32(over_queries, tp, dto, st), k, sk)
+    return dk, dv, _cotangent(dts_q[..., :dim], k, sk, st.scale), _cotangent(p_o[..., dim:], k, sk)
 
 
 def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
@@ -702,51 +699,56 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     args = (q, k, v, tq, tk, tv, do, dto, lse, mu, delta, nu)
 
     mode = jvp_bwd_impl_choice(st.cfg.jvp_bwd_impl, b, h, sq, sk, jnp.dtype(q.dtype).itemsize)
-    form = {"kernels": "kv", "matmul": "ds", "matmul_all": "p"}[mode]
-    kc = st.cfg.jvp_bwd_kv if form == "kv" else st.cfg.jvp_bwd_v
-    q_all = _all_rows_spec(sq, d)
-    k_blk = _rows_spec(kc.block_k, d)
-    stat_all = _all_stat_spec(sq)
-    out_specs, out_shape = [k_blk] * 4, [_like(k)] * 4
-    if form != "kv":  # dv, dtv ("ds"), then the (B, H, Sk, Sq') matrices, Sq' its query blocks up to q_len
-        wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
-        mat_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
-        mat_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
-        n_vec = 2 if form == "ds" else 0
-        out_specs = [k_blk] * n_vec + [mat_blk] * (4 - n_vec)
-        out_shape = [_like(k)] * n_vec + [mat_like] * (4 - n_vec)
-    outs = pl.pallas_call(
-        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, form=form, mask_keys=sk != st.kv_len),
-        grid=(sk // kc.block_k, b, h),
-        in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=_params(kc),
-        interpret=st.interpret,
-        name={"kv": "tvm_flash_jvp_bwd_kv", "ds": "tvm_flash_jvp_bwd_v", "p": "tvm_flash_jvp_bwd_p"}[form],
-    )(*args)
-    if form == "p":
-        return _grads_from_written(outs, q, k, tq, tk, do, dto, st)
-    if form == "ds":
-        dv, dtv, ds, dts = outs
-        dq, dk, dtq, dtk = _grads_from_written((ds, dts), q, k, tq, tk, do, dto, st)
-        return dq, dk, dv, dtq, dtk, dtv
-    dk, dv, dtk, dtv = outs
+    if mode != "matmul_kv":
+        by_matmul = mode == "matmul"
+        kc = st.cfg.jvp_bwd_v if by_matmul else st.cfg.jvp_bwd_kv
+        q_all = _all_rows_spec(sq, d)
+        k_blk = _rows_spec(kc.block_k, d)
+        stat_all = _all_stat_spec(sq)
+        out_specs, out_shape = [k_blk] * 4, [_like(k)] * 4
+        if by_matmul:  # dv, dtv, then dS and dtS: (B, H, Sk, Sq') with Sq' its query blocks up to q_len
+            wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
+            ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
+            ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
+            out_specs, out_shape = [k_blk] * 2 + [ds_blk] * 2, [_like(k)] * 2 + [ds_like] * 2
+        outs = pl.pallas_call(
+            functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, write_ds=by_matmul, mask_keys=sk != st.kv_len),
+            grid=(sk // kc.block_k, b, h),
+            in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            compiler_params=_params(kc),
+            interpret=st.interpret,
+            name="tvm_flash_jvp_bwd_v" if by_matmul else "tvm_flash_jvp_bwd_kv",
+        )(*args)
+        if by_matmul:
+            dv, dtv, ds, dts = outs
+            dq, dk, dtq, dtk = _qk_grads_from_ds(ds, dts, q, k, tq, tk, st)
+            return dq, dk, dv, dtq, dtk, dtv
+        dk, dv, dtk, dtv = outs
 
     kc = st.cfg.jvp_bwd_q
     q_blk = _rows_spec(kc.block_q, d)
     k_all = _all_rows_spec(sk, d)
     stat_blk = _stat_rows_spec(kc.block_q)
-    dq, dtq = pl.pallas_call(
+    out_specs, out_shape = [q_blk] * 2, [_like(q)] * 2
+    if mode == "matmul_kv":  # then P, tP, dS, dtS: (B, H, Sq, Sk') with Sk' its key blocks up to kv_len
+        wk = pl.cdiv(st.kv_len, kc.block_k) * kc.block_k
+        mat_like = _like(q, lambda a: jnp.zeros((b, h, sq, wk), a.dtype) + a[0, 0, 0, 0])
+        mat_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_q, wk), lambda i, b_, h_: (b_, h_, i, 0))
+        out_specs, out_shape = out_specs + [mat_blk] * 4, out_shape + [mat_like] * 4
+    dq, dtq, *mats = pl.pallas_call(
         functools.partial(_jvp_bwd_q_kernel, st=st, kc=kc),
         grid=(sq // kc.block_q, b, h),
         in_specs=[q_blk, k_all, k_all, q_blk, k_all, k_all, q_blk, q_blk] + [stat_blk] * 4,
-        out_specs=[q_blk, q_blk],
-        out_shape=[_like(q)] * 2,
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_params(kc),
         interpret=st.interpret,
-        name="tvm_flash_jvp_bwd_q",
+        name="tvm_flash_jvp_bwd_qp" if mode == "matmul_kv" else "tvm_flash_jvp_bwd_q",
     )(*args)
+    if mats:
+        dk, dv, dtk, dtv = _kv_grads_from_p(*mats, q, k, tq, do, dto, st)
     return dq, dk, dv, dtq, dtk, dtv
 
 
