@@ -29,8 +29,8 @@ pallas, xla and (plain mode) cudnn latencies that ``impl="auto"`` chooses from.
 
 ``--sweep`` times candidate KernelConfigs for each kernel (the others at their defaults):
 fwd on the plain forward, bwd_kv/bwd_q on plain fwd+bwd, jvp_fwd on jvp_fwd, jvp_bwd_kv/
-jvp_bwd_q on jvp_fwd_bwd under ``jvp_bwd_impl="kernels"`` (jvp_bwd_q under ``"matmul_kv"`` where
-the base config has it), jvp_bwd_v on jvp_fwd_bwd under ``"matmul"`` (``SWEEP_IMPL``); it reports the best per kernel and the combined best config
+jvp_bwd_q on jvp_fwd_bwd under ``jvp_bwd_impl="kernels"``, jvp_bwd_v on jvp_fwd_bwd under
+``"matmul"`` (``SWEEP_IMPL``); it reports the best per kernel and the combined best config
 (JSON, loadable with ``--config``). Configs that fail to compile are reported as failed.
 With several shapes, ``best_config_per_head_dim`` merges them: per kernel, the candidate
 with the smallest summed slowdown relative to each shape's fastest (candidate lists per
@@ -39,8 +39,9 @@ head dim in ``SWEEP``).
 ``--profile`` traces two more calls of each Pallas kind and stores where one call's device time
 goes, per kernel and per op family (``tvm_jax.profiling``).
 
-Needs only jax and numpy (and ``tvm_jax`` for ``--profile``). ``--interpret`` runs everything in the Pallas interpreter (a
-CPU smoke test of this script with tiny shapes; timings then mean nothing).
+Needs only jax and numpy (and ``tvm_jax`` for ``--profile``). ``--interpret`` runs everything in
+the Pallas interpreter (a CPU smoke test of this script with tiny shapes; timings then mean
+nothing).
 """
 from __future__ import annotations
 
@@ -122,18 +123,8 @@ SWEEP_MEASURE = {
     "jvp_bwd_q": "jvp_fwd_bwd",
     "jvp_bwd_v": "jvp_fwd_bwd",
 }
-# The tangent backward's kernels run under the jvp_bwd_impl values listed here: a sweep of one keeps
-# the base config's impl where it is one of its own, else takes the first (jvp_bwd_q runs under
-# "kernels" and, writing P, tP, dS and dtS too, under "matmul_kv").
-SWEEP_IMPL = {"jvp_bwd_kv": ("kernels",), "jvp_bwd_q": ("kernels", "matmul_kv"), "jvp_bwd_v": ("matmul",)}
-
-
-def sweep_impl(name, base_cfg):
-    """The jvp_bwd_impl a sweep of kernel ``name`` runs under (None: the kernel does not care)."""
-    impls = SWEEP_IMPL.get(name)
-    if impls is None:
-        return None
-    return base_cfg.jvp_bwd_impl if base_cfg.jvp_bwd_impl in impls else impls[0]
+# The tangent backward's kernels run under one jvp_bwd_impl each: a sweep of one sets it.
+SWEEP_IMPL = {"jvp_bwd_kv": "kernels", "jvp_bwd_q": "kernels", "jvp_bwd_v": "matmul"}
 
 
 def parse_shapes(text):
@@ -339,7 +330,7 @@ def sweep_shape(shape, base_cfg, arg_sets, iters, interpret, kernels):
         rows = []
         for bq, bk, w, st in candidates[name]:
             kc = KernelConfig(bq, bk, w, st)
-            impl = {"jvp_bwd_impl": sweep_impl(name, base_cfg)} if sweep_impl(name, base_cfg) else {}
+            impl = {"jvp_bwd_impl": SWEEP_IMPL[name]} if name in SWEEP_IMPL else {}
             cfg = dataclasses.replace(base_cfg, **{name: kc}, **impl)
             fns = make_fns("pallas", scale, cfg, interpret)
             try:

@@ -12,8 +12,7 @@ bwd_kv        plain backward: dk, dv                                      grid o
 bwd_q         plain backward: dq                                          grid over q blocks, loop k
 jvp_fwd       fused forward + tangent: o, t_o, lse, mu                    grid over q blocks, loop k
 jvp_bwd_kv    tangent backward: dk, dv, dtk, dtv                          grid over k blocks, loop q
-jvp_bwd_q     tangent backward: dq, dtq (under ``jvp_bwd_impl="matmul_kv"``   grid over q blocks, loop k
-              also P, tP, dS, dtS written out)
+jvp_bwd_q     tangent backward: dq, dtq                                   grid over q blocks, loop k
 fwd_qkv       plain forward of a qkv projection read in place, its        grid over q blocks, loop k
               prologue (bias, q/k norms) applied to each tile it loads
 jvp_bwd_v     tangent backward under ``jvp_bwd_impl="matmul"``: dv, dtv,  grid over k blocks, loop q
@@ -71,7 +70,7 @@ from typing import Optional
 
 _VALID_WARPS = (1, 2, 4, 8, 16)
 KERNEL_NAMES = ("fwd", "bwd_kv", "bwd_q", "jvp_fwd", "jvp_bwd_kv", "jvp_bwd_q", "fwd_qkv", "jvp_bwd_v")
-JVP_BWD_IMPLS = ("kernels", "matmul", "matmul_kv", "auto")
+JVP_BWD_IMPLS = ("kernels", "matmul", "auto")
 JVP_BWD_AUTO_MIN_SEQ = 2048
 JVP_BWD_AUTO_MAX_BYTES = 2 << 30  # 2 GiB of dS and dtS per device
 MAX_HEAD_DIM = 256
@@ -130,7 +129,7 @@ class AttentionConfig:
     jvp_bwd_q: Optional[KernelConfig] = None
     fwd_qkv: Optional[KernelConfig] = None
     jvp_bwd_v: Optional[KernelConfig] = None
-    jvp_bwd_impl: Optional[str] = None  # "kernels" | "matmul" | "matmul_kv" | "auto" (module docstring); None = default
+    jvp_bwd_impl: Optional[str] = None  # "kernels" | "matmul" | "auto" (module docstring); None = default
 
     def __post_init__(self):
         for name in KERNEL_NAMES:

@@ -25,9 +25,7 @@ Math (per batch and head; ``c`` = softmax scale; all statistics fp32, per query 
 * How that backward runs (``AttentionConfig.jvp_bwd_impl``): ``"kernels"``, two kernels over
   key blocks (dk, dv, dtk, dtv) and query blocks (dq, dtq), each recomputing P, tS and dP; or
   ``"matmul"``, one kernel over key blocks (dv, dtv) that also writes dS and dtS, and the four
-  cotangents above that only need them as XLA matmuls (:func:`_qk_grads_from_ds`); or
-  ``"matmul_kv"``, the query-block kernel (dq, dtq) that also writes P, tP, dS and dtS, and dk,
-  dv, dtk, dtv as XLA matmuls of those (:func:`_kv_grads_from_p`).
+  cotangents above that only need them as XLA matmuls (:func:`_qk_grads_from_ds`).
 
 Matmul operands are in the input dtype, accumulation in fp32 (``preferred_element_type``);
 fp32 inputs use IEEE fp32 matmuls (``Precision.HIGHEST``, no TF32).
@@ -598,12 +596,8 @@ def _jvp_bwd_kv_kernel(
 def _jvp_bwd_q_kernel(
     q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, do_ref, dto_ref,
     lse_ref, mu_ref, delta_ref, nu_ref,
-    dq_ref, dtq_ref, *mat_refs, st, kc,
+    dq_ref, dtq_ref, *, st, kc,
 ):  # fmt: skip
-    """One query block of the tangent backward: dq, dtq; with ``mat_refs`` (``jvp_bwd_impl=
-    "matmul_kv"``) also that block's rows of P, tP, dS and dtS, (queries, keys), rounded as the
-    kernels round them for their matmuls; padded keys' columns are zeros (their logits are
-    masked)."""
     bk = kc.block_k
     q = q_ref[...]
     tq = tq_ref[...]
@@ -631,11 +625,8 @@ def _jvp_bwd_q_kernel(
         tsc = ts - mu
         ds = p * (dp + dtp * tsc - nu * ts - delta)
         dts = p * (dtp - nu)
-        dsc, dtsc = ds.astype(dt), dts.astype(dt)
-        if mat_refs:
-            for ref, tile in zip(mat_refs, (p.astype(dt), (p * tsc).astype(dt), dsc, dtsc)):
-                ref[:, ks] = tile
-        dq = dq + _mm(dsc, k, st) + _mm(dtsc, tk, st)
+        dtsc = dts.astype(dt)
+        dq = dq + _mm(ds.astype(dt), k, st) + _mm(dtsc, tk, st)
         dtq = dtq + _mm(dtsc, k, st)
         return dq, dtq
 
@@ -645,49 +636,32 @@ def _jvp_bwd_q_kernel(
     dtq_ref[...] = (dtq * st.scale).astype(dtq_ref.dtype)
 
 
-def _mm_f32(spec, a, b, st: Static):
-    return jnp.einsum(spec, a, b, precision=st.precision, preferred_element_type=_F32)
-
-
-def _cotangent(x, like, rows: int, c: float = 1.0):
-    """fp32 (B, S', H, D) matmul result -> ``c x`` in ``like``'s dtype, zero rows appended up to
-    ``rows`` (those past the written width of the matrices it came from)."""
-    return jnp.pad((x * c).astype(like.dtype), ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, 0)))
-
-
-def _pair(x, y):
-    return jnp.concatenate([x, y], axis=-1)
-
-
 def _qk_grads_from_ds(ds, dts, q, k, tq, tk, st: Static):
     """dq, dk, dtq, dtk from the (B, H, Sk, Sq') transposed dS and dtS that ``jvp_bwd_v`` wrote
     (``jvp_bwd_impl="matmul"``), as batched XLA matmuls with fp32 accumulation (cuBLAS on a GPU):
     dq = (dS k + dtS tk) c, dtq = dtS k c over the keys; dk = (dS^T q + dtS^T tq) c, dtk = dtS^T q c
-    over the query rows dS was written for. dtS meets two operands on each side: one matmul of
-    twice the width each (dtS [k | tk], dtS^T [q | tq]), so each matrix is read once per side."""
+    over the query rows dS was written for. dtS meets two operands on each side, so it is one
+    matmul of twice the width per side (dtS [k | tk], dtS^T [q | tq]): four matmuls, each matrix
+    read once per side (six matmuls read dtS four times: 0.2-0.4 ms more at (1, 24, 4096, 128),
+    ``bench/NOTES.md`` item 41). dq and dtq rows past Sq' (padding beyond the last written query
+    block) come back as zeros."""
     sq, wq, dim = q.shape[1], ds.shape[-1], k.shape[-1]
     q, tq = q[:, :wq], tq[:, :wq]
+
+    def mm(spec, a, b):
+        return jnp.einsum(spec, a, b, precision=st.precision, preferred_element_type=_F32)
+
+    def out(x, pad=0):
+        return jnp.pad((x * st.scale).astype(k.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+
     over_keys, over_queries = "bhkq,bkhd->bqhd", "bhkq,bqhd->bkhd"
-    dts_k = _mm_f32(over_keys, dts, _pair(k, tk), st)  # (dtS k, dtS tk)
-    dts_q = _mm_f32(over_queries, dts, _pair(q, tq), st)  # (dtS^T q, dtS^T tq)
-    dq = _cotangent(_mm_f32(over_keys, ds, k, st) + dts_k[..., dim:], k, sq, st.scale)
-    dk = _cotangent(_mm_f32(over_queries, ds, q, st) + dts_q[..., dim:], k, k.shape[1], st.scale)
-    return dq, dk, _cotangent(dts_k[..., :dim], k, sq, st.scale), _cotangent(dts_q[..., :dim], k, k.shape[1], st.scale)
-
-
-def _kv_grads_from_p(p, tp, ds, dts, q, k, tq, do, dto, st: Static):
-    """dk, dv, dtk, dtv from the (B, H, Sq, Sk') P, tP, dS and dtS that the query-block kernel wrote
-    (``jvp_bwd_impl="matmul_kv"``), as batched XLA matmuls over the queries with fp32 accumulation:
-    dk = (dS^T q + dtS^T tq) c, dtk = dtS^T q c, dv = P^T dO + tP^T dtO, dtv = P^T dtO, as four
-    matmuls (dtS^T [q | tq] and P^T [dO | dtO] at twice the width). Rows of keys past Sk' (padding
-    beyond the last written key block) come back as zeros."""
-    sk, dim = k.shape[1], k.shape[-1]
-    over_queries = "bhqk,bqhd->bkhd"
-    dts_q = _mm_f32(over_queries, dts, _pair(q, tq), st)  # (dtS^T q, dtS^T tq)
-    p_o = _mm_f32(over_queries, p, _pair(do, dto), st)  # (P^T dO, P^T dtO)
-    dk = _cotangent(_mm_f32(over_queries, ds, q, st) + dts_q[..., dim:], k, sk, st.scale)
-    dv = _cotangent(p_o[..., :dim] + _mm_f32(over_queries, tp, dto, st), k, sk)
-    return dk, dv, _cotangent(dts_q[..., :dim], k, sk, st.scale), _cotangent(p_o[..., dim:], k, sk)
+    dts_k = mm(over_keys, dts, jnp.concatenate([k, tk], axis=-1))  # (dtS k, dtS tk)
+    dts_q = mm(over_queries, dts, jnp.concatenate([q, tq], axis=-1))  # (dtS^T q, dtS^T tq)
+    dq = out(mm(over_keys, ds, k) + dts_k[..., dim:], sq - wq)
+    dtq = out(dts_k[..., :dim], sq - wq)
+    dk = out(mm(over_queries, ds, q) + dts_q[..., dim:])
+    dtk = out(dts_q[..., :dim])
+    return dq, dk, dtq, dtk
 
 
 def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
@@ -699,56 +673,47 @@ def jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st: Static):
     args = (q, k, v, tq, tk, tv, do, dto, lse, mu, delta, nu)
 
     mode = jvp_bwd_impl_choice(st.cfg.jvp_bwd_impl, b, h, sq, sk, jnp.dtype(q.dtype).itemsize)
-    if mode != "matmul_kv":
-        by_matmul = mode == "matmul"
-        kc = st.cfg.jvp_bwd_v if by_matmul else st.cfg.jvp_bwd_kv
-        q_all = _all_rows_spec(sq, d)
-        k_blk = _rows_spec(kc.block_k, d)
-        stat_all = _all_stat_spec(sq)
-        out_specs, out_shape = [k_blk] * 4, [_like(k)] * 4
-        if by_matmul:  # dv, dtv, then dS and dtS: (B, H, Sk, Sq') with Sq' its query blocks up to q_len
-            wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
-            ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
-            ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
-            out_specs, out_shape = [k_blk] * 2 + [ds_blk] * 2, [_like(k)] * 2 + [ds_like] * 2
-        outs = pl.pallas_call(
-            functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, write_ds=by_matmul, mask_keys=sk != st.kv_len),
-            grid=(sk // kc.block_k, b, h),
-            in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
-            out_specs=out_specs,
-            out_shape=out_shape,
-            compiler_params=_params(kc),
-            interpret=st.interpret,
-            name="tvm_flash_jvp_bwd_v" if by_matmul else "tvm_flash_jvp_bwd_kv",
-        )(*args)
-        if by_matmul:
-            dv, dtv, ds, dts = outs
-            dq, dk, dtq, dtk = _qk_grads_from_ds(ds, dts, q, k, tq, tk, st)
-            return dq, dk, dv, dtq, dtk, dtv
-        dk, dv, dtk, dtv = outs
+    by_matmul = mode == "matmul"
+    kc = st.cfg.jvp_bwd_v if by_matmul else st.cfg.jvp_bwd_kv
+    q_all = _all_rows_spec(sq, d)
+    k_blk = _rows_spec(kc.block_k, d)
+    stat_all = _all_stat_spec(sq)
+    out_specs, out_shape = [k_blk] * 4, [_like(k)] * 4
+    if by_matmul:  # dv, dtv, then dS and dtS: (B, H, Sk, Sq') with Sq' its query blocks up to q_len
+        wq = pl.cdiv(st.q_len, kc.block_q) * kc.block_q
+        ds_like = _like(q, lambda a: jnp.zeros((b, h, sk, wq), a.dtype) + a[0, 0, 0, 0])
+        ds_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_k, wq), lambda j, b_, h_: (b_, h_, j, 0))
+        out_specs, out_shape = [k_blk] * 2 + [ds_blk] * 2, [_like(k)] * 2 + [ds_like] * 2
+    outs = pl.pallas_call(
+        functools.partial(_jvp_bwd_kv_kernel, st=st, kc=kc, write_ds=by_matmul, mask_keys=sk != st.kv_len),
+        grid=(sk // kc.block_k, b, h),
+        in_specs=[q_all, k_blk, k_blk, q_all, k_blk, k_blk, q_all, q_all] + [stat_all] * 4,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_params(kc),
+        interpret=st.interpret,
+        name="tvm_flash_jvp_bwd_v" if by_matmul else "tvm_flash_jvp_bwd_kv",
+    )(*args)
+    if by_matmul:
+        dv, dtv, ds, dts = outs
+        dq, dk, dtq, dtk = _qk_grads_from_ds(ds, dts, q, k, tq, tk, st)
+        return dq, dk, dv, dtq, dtk, dtv
+    dk, dv, dtk, dtv = outs
 
     kc = st.cfg.jvp_bwd_q
     q_blk = _rows_spec(kc.block_q, d)
     k_all = _all_rows_spec(sk, d)
     stat_blk = _stat_rows_spec(kc.block_q)
-    out_specs, out_shape = [q_blk] * 2, [_like(q)] * 2
-    if mode == "matmul_kv":  # then P, tP, dS, dtS: (B, H, Sq, Sk') with Sk' its key blocks up to kv_len
-        wk = pl.cdiv(st.kv_len, kc.block_k) * kc.block_k
-        mat_like = _like(q, lambda a: jnp.zeros((b, h, sq, wk), a.dtype) + a[0, 0, 0, 0])
-        mat_blk = pl.BlockSpec((SQUEEZED, SQUEEZED, kc.block_q, wk), lambda i, b_, h_: (b_, h_, i, 0))
-        out_specs, out_shape = out_specs + [mat_blk] * 4, out_shape + [mat_like] * 4
-    dq, dtq, *mats = pl.pallas_call(
+    dq, dtq = pl.pallas_call(
         functools.partial(_jvp_bwd_q_kernel, st=st, kc=kc),
         grid=(sq // kc.block_q, b, h),
         in_specs=[q_blk, k_all, k_all, q_blk, k_all, k_all, q_blk, q_blk] + [stat_blk] * 4,
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=[q_blk, q_blk],
+        out_shape=[_like(q)] * 2,
         compiler_params=_params(kc),
         interpret=st.interpret,
-        name="tvm_flash_jvp_bwd_qp" if mode == "matmul_kv" else "tvm_flash_jvp_bwd_q",
+        name="tvm_flash_jvp_bwd_q",
     )(*args)
-    if mats:
-        dk, dv, dtk, dtv = _kv_grads_from_p(*mats, q, k, tq, do, dto, st)
     return dq, dk, dv, dtq, dtk, dtv
 
 

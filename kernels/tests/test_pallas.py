@@ -103,9 +103,8 @@ def _with_bwd(cfg, impl: str):
     return dataclasses.replace(cfg or AttentionConfig(), jvp_bwd_impl=impl)
 
 
-# jvp_bwd_impl="matmul" and "matmul_kv" on the cases with ragged lengths, cross-attention, padded head
-# dims and every dtype.
-BWD_CASES = [(c, "kernels") for c in CASES] + [(CASES[i], m) for m in ("matmul", "matmul_kv") for i in (0, 1, 4, 5, 6)]
+# jvp_bwd_impl="matmul" on the cases with ragged lengths, cross-attention, padded head dims and every dtype.
+BWD_CASES = [(c, "kernels") for c in CASES] + [(CASES[i], "matmul") for i in (0, 1, 4, 5, 6)]
 
 
 @pytest.mark.parametrize("case,impl", BWD_CASES, ids=lambda x: str(x))
@@ -178,21 +177,19 @@ def test_kernels_write_every_output_element():
     outs += [o, to, lse, mu]
     outs += list(flash_mod.bwd_call(q, k, v, outs[0], outs[1], do, st))
     outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st))
-    # jvp_bwd_impl="matmul" / "matmul_kv": cotangents are matmuls of the matrices the kernels write
-    # (jvp_bwd_v: dS, dtS / jvp_bwd_q: P, tP, dS, dtS), so every element of those must be written too.
-    for impl in ("matmul", "matmul_kv"):
-        st_mm = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, jvp_bwd_impl=impl))
-        outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st_mm))
+    # jvp_bwd_impl="matmul": four cotangents are matmuls of the dS and dtS that jvp_bwd_v writes,
+    # so every element of those must be written too.
+    st_mm = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, jvp_bwd_impl="matmul"))
+    outs += list(flash_mod.jvp_bwd_call(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, st_mm))
     for i, x in enumerate(outs):
         assert np.all(np.isfinite(np.asarray(x))), f"output {i} has unwritten (NaN) elements"
 
 
-@pytest.mark.parametrize("impl", ["kernels", "matmul", "matmul_kv"])
+@pytest.mark.parametrize("impl", ["kernels", "matmul"])
 def test_tangent_backward_with_overflowing_padded_keys(impl):
     """Real logits near -300 (base 2) put the row log-sum-exp there, so a zero-padded key's
     probability 2**(0 - lse) overflows to inf in the kv kernel, which does not mask keys.
-    With jvp_bwd_impl="matmul" those keys' dS rows feed dq: they must be written as zeros
-    ("matmul_kv" writes from the query-block kernel, which masks their logits)."""
+    With jvp_bwd_impl="matmul" those keys' dS rows feed dq: they must be written as zeros."""
     b, sq, sk, h, d = 1, 24, 40, 1, 32  # 40 keys pad to 48 with 16-key blocks
     u = jnp.ones((d,), jnp.float32) / np.sqrt(d)
     rows = lambda n, c, key: (c * u + 0.01 * jax.random.normal(key, (n, d)))[None, :, None, :]

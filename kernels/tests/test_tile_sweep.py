@@ -128,3 +128,20 @@ def test_attention_sweep_runs_each_backward_kernel_under_its_impl(monkeypatch):
     assert [c.jvp_bwd_impl for c in seen] == ["matmul"] * n_v + ["kernels"] * (len(seen) - n_v)
     assert all(c.jvp_bwd_kv == base.jvp_bwd_kv for c in seen[:n_v])
     assert out["best"]["jvp_bwd_v"]["ms"] == 1.0 and out["best_config"]["jvp_bwd_impl"] == "auto"
+
+
+def test_attention_bench_profile_records_where_a_call_spends_its_time(tmp_path):
+    """bench/attention.py --profile (interpreter, one tiny shape): each timed Pallas kind gets its
+    device time per op family and per kernel, written to the JSON with the timings."""
+    attention = _bench("attention")
+    out = tmp_path / "a.json"
+    attention.main(["--interpret", "--no-cudnn", "--no-xla", "--shapes", "1,2,64,32", "--iters", "1",
+                    "--kinds", "jvp_fwd_bwd,plain_fwd", "--profile", "--out", str(out)])
+    entry = json.loads(out.read_text())["shapes"][0]
+    assert set(entry["profile"]) == {"jvp_fwd_bwd", "plain_fwd"}
+    for kind, prof in entry["profile"].items():
+        by_kernel = prof["by_kernel"]
+        assert by_kernel and all(ms > 0 for ms in by_kernel.values()), kind
+        assert list(by_kernel.values()) == sorted(by_kernel.values(), reverse=True)
+        families = prof["ms_per_call_by_family"]
+        assert abs(sum(f["ms_per_call"] for f in families.values()) - sum(by_kernel.values())) < 1e-6
