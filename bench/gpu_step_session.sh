@@ -228,7 +228,8 @@
 #                                      # native tests; every file in $OUT/z53.tgz
 #   bash bench/gpu_step_session.sh z54 # the merged dS matmuls, final code: GPU0 A/B against .baseline/base.tgz (main)
 #                                      # alternating three times, profile, "matmul" forced at 1,024 and 8,192
-#                                      # tokens | GPU1 native "matmul" tests, the rest of the native suite
+#                                      # tokens | native "matmul" tests (GPU1, or GPU0 afterwards on one GPU)
+#   bash bench/gpu_step_session.sh z55 # the rest of the native kernel suite, one GPU
 # z52's "matmul_all" (the key-block kernel writing P, tP, dS, dtS) is commit e9f478c; z53's
 # "matmul_kv" (the query-block kernel writing them) is commit 9036937. Neither was kept.
 # z46-z48 ran the first forms of that option (AttentionConfig.jvp_dq: "kernel", "matmul" = dq and dtq
@@ -1175,13 +1176,16 @@ PY
     for f in $R/log_attention*.txt; do echo "--- $f"; grep "pallas\|rel err\|profile\|sweep\|Error\|error" "$f" | grep -v "^ *1,24" | head -24 | cut -c1-300; done ;;
   z54)
     unpack_base || exit 1
-    log "the merged dS matmuls (final code): GPU0 A/B against main (.baseline/base.tgz) alternating three times, profile, 'matmul' forced at 1,024 and 8,192 | GPU1 native tests of 'matmul', then the rest of the native kernel suite; all files in one tarball"
     R=/tmp/z54; mkdir -p $R
+    # One GPU (nvidia-h200) or two: the native tests run on GPU1 beside the timings, or after them on GPU0.
+    if [ "$(nvidia-smi -L | wc -l)" -gt 1 ]; then TEST_GPU=1; else TEST_GPU=0; fi
+    log "the merged dS matmuls (final code): A/B against main (.baseline/base.tgz) alternating three times, profile, 'matmul' forced at 1,024 and 8,192 (GPU0) | native tests of 'matmul' (GPU$TEST_GPU); all files in one tarball"
     echo '{"jvp_bwd_impl": "matmul"}' > /tmp/mm.json
-    (CUDA_VISIBLE_DEVICES=1 timeout 170 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py \
+    native() {
+      CUDA_VISIBLE_DEVICES=$TEST_GPU timeout 170 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py \
         -k "(native_tangent or grad_of_jvp) and matmul" -p no:cacheprovider > "$R/pytest_gpu_h200_merged_ds_matmul.log" 2>&1
-     CUDA_VISIBLE_DEVICES=1 timeout 280 python3 -m pytest -q -m gpu kernels -k "not native_tangent and not grad_of_jvp" \
-        -p no:cacheprovider > "$R/pytest_gpu_h200_merged_ds_rest.log" 2>&1) &
+    }
+    if [ "$TEST_GPU" = 1 ]; then native & fi
     for run in 1 2 3; do
       CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/base:/tmp/site timeout 45 python3 /tmp/base/bench/attention.py --no-xla --no-cudnn \
           --kinds jvp_fwd_bwd --shapes "1,24,2048,128;1,24,4096,128" --out "$R/attention_h200_main_defaults_z54_$run.json" \
@@ -1198,10 +1202,16 @@ PY
     CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --config /tmp/mm.json \
         --shapes "1,24,1024,128;1,24,8192,128" --out "$R/attention_h200_merged_ds_matmul_1024_8192.json" \
         > "$R/log_attention_merged_matmul_more.txt" 2>&1
+    if [ "$TEST_GPU" = 0 ]; then native; fi
     wait
     tar -C /tmp -czf "$OUT/z54.tgz" z54
     tail -n 2 "$R"/pytest_*.log
     for f in $R/log_attention*.txt; do echo "--- $f"; grep "pallas\|profile\|Error\|error" "$f" | grep -v "^ *1,24" | head -8 | cut -c1-300; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54" >&2; exit 2 ;;
+  z55)
+    log "the rest of the native kernel suite (not the tangent tests) with the merged dS matmuls, one GPU"
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -m gpu kernels -k "not native_tangent and not grad_of_jvp" \
+        -p no:cacheprovider > "$OUT/pytest_gpu_h200_merged_ds_rest.log" 2>&1
+    tail -n 3 "$OUT/pytest_gpu_h200_merged_ds_rest.log" ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54|z55" >&2; exit 2 ;;
 esac
 log done
