@@ -229,7 +229,9 @@
 #   bash bench/gpu_step_session.sh z54 # the merged dS matmuls, final code: GPU0 A/B against .baseline/base.tgz (main)
 #                                      # alternating three times, profile, "matmul" forced at 1,024 and 8,192
 #                                      # tokens | native "matmul" tests (GPU1, or GPU0 afterwards on one GPU)
-#   bash bench/gpu_step_session.sh z55 # the rest of the native kernel suite, one GPU
+#   bash bench/gpu_step_session.sh z55 # one GPU: device time per kernel of main and of the merged dS matmuls
+#                                      # (--profile), alternating twice; the native "matmul" tests
+#                                      # (z54's stopped at its 170 s limit after 15 tests, none failed)
 # z52's "matmul_all" (the key-block kernel writing P, tP, dS, dtS) is commit e9f478c; z53's
 # "matmul_kv" (the query-block kernel writing them) is commit 9036937. Neither was kept.
 # z46-z48 ran the first forms of that option (AttentionConfig.jvp_dq: "kernel", "matmul" = dq and dtq
@@ -1208,10 +1210,22 @@ PY
     tail -n 2 "$R"/pytest_*.log
     for f in $R/log_attention*.txt; do echo "--- $f"; grep "pallas\|profile\|Error\|error" "$f" | grep -v "^ *1,24" | head -8 | cut -c1-300; done ;;
   z55)
-    log "the rest of the native kernel suite (not the tangent tests) with the merged dS matmuls, one GPU"
-    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -m gpu kernels -k "not native_tangent and not grad_of_jvp" \
-        -p no:cacheprovider > "$OUT/pytest_gpu_h200_merged_ds_rest.log" 2>&1
-    tail -n 3 "$OUT/pytest_gpu_h200_merged_ds_rest.log" ;;
+    unpack_base || exit 1
+    R=/tmp/z55; mkdir -p $R
+    log "one GPU: device time per kernel of main's code (this tree's bench/attention.py --profile run in /tmp/base) and of the merged dS matmuls, alternating twice; then the native tests of 'matmul'"
+    cp bench/attention.py /tmp/base/bench/attention.py  # --profile; bench/ puts its own tree first on sys.path
+    for run in 1 2; do
+      CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/base:/tmp/site timeout 45 python3 /tmp/base/bench/attention.py --no-xla --no-cudnn \
+          --kinds jvp_fwd_bwd --profile --shapes "1,24,4096,128" --out "$R/attention_h200_main_profile_$run.json" \
+          > "$R/log_attention_main_profile_$run.txt" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout 45 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --profile \
+          --shapes "1,24,4096,128" --out "$R/attention_h200_merged_ds_profile_$run.json" > "$R/log_attention_merged_profile_$run.txt" 2>&1
+    done
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py \
+        -k "(native_tangent or grad_of_jvp) and matmul" -p no:cacheprovider > "$R/pytest_gpu_h200_merged_ds_matmul.log" 2>&1
+    tar -C /tmp -czf "$OUT/z55.tgz" z55
+    tail -n 2 "$R"/pytest_*.log
+    for f in $R/log_attention*.txt; do echo "--- $f"; grep "pallas\|profile\|Error\|error" "$f" | grep -v "^ *1,24" | head -4 | cut -c1-400; done ;;
   *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54|z55" >&2; exit 2 ;;
 esac
 log done
