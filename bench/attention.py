@@ -18,7 +18,8 @@ Per shape (batch, heads, seq, dim), bf16 inputs from N(0, 1), and impl in {palla
 
 Latency: jit, warm up, then the median over ``--iters`` samples (>= 20) of back-to-back
 calls rotating over 3 input sets, each synchronised with ``block_until_ready`` (a sample
-holds enough calls to last >= ~2 ms, and reports the per-call mean). TFLOP/s counts the
+holds enough calls to last >= ~2 ms, ``--min-sample-ms``, and reports the per-call mean; a call
+longer than that is timed alone, host dispatch and sync included). TFLOP/s counts the
 matmuls of the math, no recomputation: 12·B·H·S²·D for jvp_fwd, 36·B·H·S²·D for
 jvp_fwd_bwd, 12·B·H·S²·D for plain_fwd_bwd (4 forward + 8 backward). Peak memory is the
 compiled executable's ``memory_analysis()``: argument + output + temp bytes (- aliased).
@@ -277,14 +278,14 @@ def compile_all(fns, kinds, args):
     return out
 
 
-def measure(compiled, arg_sets, iters, shape):
+def measure(compiled, arg_sets, iters, shape, min_sample_s=2e-3):
     res = {}
     for kind, fn in compiled.items():
         if isinstance(fn, str):
             res[kind] = {"ms": None, "error": fn}
             continue
         try:
-            ms = time_ms(fn, arg_sets, iters)
+            ms = time_ms(fn, arg_sets, iters, min_sample_s)
             res[kind] = {"ms": ms, "tflops": tflops(kind, shape, ms), "peak_mb": memory_mb(fn)}
         except Exception as e:  # noqa: BLE001 - OOM at run time
             res[kind] = {"ms": None, "error": _err(e)}
@@ -400,6 +401,11 @@ def main(argv=None):
     p.add_argument("--no-xla", action="store_true", help="skip the XLA timings")
     p.add_argument("--no-cudnn", action="store_true", help="skip cuDNN")
     p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
+    p.add_argument("--min-sample-ms", type=float, default=2.0,
+                   help="each timed sample holds back-to-back calls (one sync at its end) lasting at least this "
+                        "long, at most 50 calls; the default 2 ms times a call that long alone, so its host "
+                        "dispatch and sync are in the figure, while a longer sample overlaps them with the "
+                        "previous call's device work")
     p.add_argument("--profile", action="store_true", help="also trace 2 calls of each timed Pallas kind and "
                    "store the device time per kernel and per op family (tvm_jax.profiling)")
     p.add_argument("--kinds", default=DEFAULT_KINDS,
@@ -434,6 +440,7 @@ def main(argv=None):
         "jax_version": jax.__version__,
         "command": " ".join([sys.executable] + sys.argv),
         "iters": iters,
+        "min_sample_ms": args.min_sample_ms,
         "flop_factors": FLOP_FACTOR,
         "shapes": [],
     }
@@ -468,7 +475,7 @@ def main(argv=None):
 
         entry["results"] = {}
         for impl, comp in compiled.items():
-            entry["results"][impl] = measure(comp, arg_sets, iters, shape)
+            entry["results"][impl] = measure(comp, arg_sets, iters, shape, args.min_sample_ms * 1e-3)
             for kind, r in entry["results"][impl].items():
                 if r.get("ms") is not None:
                     tf = r.get("tflops")

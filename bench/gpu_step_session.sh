@@ -232,6 +232,8 @@
 #   bash bench/gpu_step_session.sh z55 # one GPU: device time per kernel of main and of the merged dS matmuls
 #                                      # (--profile), alternating twice; the native "matmul" tests
 #                                      # (z54's stopped at its 170 s limit after 15 tests, none failed)
+#   bash bench/gpu_step_session.sh z56 # one GPU: the hd128 call timed alone per sample and 8 back-to-back
+#                                      # (--min-sample-ms 2 / 50), main and the merged dS matmuls, twice
 # z52's "matmul_all" (the key-block kernel writing P, tP, dS, dtS) is commit e9f478c; z53's
 # "matmul_kv" (the query-block kernel writing them) is commit 9036937. Neither was kept.
 # z46-z48 ran the first forms of that option (AttentionConfig.jvp_dq: "kernel", "matmul" = dq and dtq
@@ -1226,6 +1228,23 @@ PY
     tar -C /tmp -czf "$OUT/z55.tgz" z55
     tail -n 2 "$R"/pytest_*.log
     for f in $R/log_attention*.txt; do echo "--- $f"; grep "pallas\|profile\|Error\|error" "$f" | grep -v "^ *1,24" | head -4 | cut -c1-400; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54|z55" >&2; exit 2 ;;
+  z56)
+    unpack_base || exit 1
+    R=/tmp/z56; mkdir -p $R
+    log "one GPU: the (1,24,2048/4096,128) call timed alone per sample (--min-sample-ms 2, the default) and 8 back-to-back per sample (--min-sample-ms 50): main (this tree's bench script in /tmp/base) and the merged dS matmuls, alternating twice"
+    cp bench/attention.py /tmp/base/bench/attention.py
+    for run in 1 2; do
+      for ms in 2 50; do
+        CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/base:/tmp/site timeout 45 python3 /tmp/base/bench/attention.py --no-xla --no-cudnn \
+            --kinds jvp_fwd_bwd --min-sample-ms $ms --shapes "1,24,2048,128;1,24,4096,128" \
+            --out "$R/attention_h200_main_sample${ms}ms_$run.json" > "$R/log_attention_main_sample${ms}ms_$run.txt" 2>&1
+        CUDA_VISIBLE_DEVICES=0 timeout 45 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd --min-sample-ms $ms \
+            --shapes "1,24,2048,128;1,24,4096,128" --out "$R/attention_h200_merged_ds_sample${ms}ms_$run.json" \
+            > "$R/log_attention_merged_sample${ms}ms_$run.txt" 2>&1
+      done
+    done
+    tar -C /tmp -czf "$OUT/z56.tgz" z56
+    for f in $R/log_attention*.txt; do echo "--- $f"; grep "pallas" "$f" | grep -v "^ *1,24" | head -4 | cut -c1-200; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54|z55|z56" >&2; exit 2 ;;
 esac
 log done
