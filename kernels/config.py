@@ -51,8 +51,9 @@ One more field is a choice, not tiles: ``jvp_bwd_impl`` says how the tangent bac
 ``"kernels"``: ``jvp_bwd_kv`` and ``jvp_bwd_q``, each recomputing the probabilities, the tangent
 logits and dP, 21 S^2 D matmul units in all. ``"matmul"``: one kernel, ``jvp_bwd_v``, computes
 them once per (key block, query block), accumulates dv and dtv, and writes dS and dtS (rounded to
-the input dtype, as the kernels round them before their matmuls); dq, dtq, dk and dtk are then six
-batched XLA matmuls of those (cuBLAS on a GPU): 15 units, 6 of them at cuBLAS's rate. The price is
+the input dtype, as the kernels round them before their matmuls); dq, dtq, dk and dtk are then
+batched XLA matmuls of those (cuBLAS on a GPU; four: dtS meets [k | tk] and [q | tq] as one matmul
+of twice the width each): 15 units, 6 of them at cuBLAS's rate. The price is
 2 * B * H * Sk * Sq elements of transient memory, so this backward is not linear in the sequence
 length. ``"auto"`` (the default at head dim 128 for 2-byte inputs) takes ``"matmul"`` where it
 measured faster and its memory stays bounded: both lengths at least ``JVP_BWD_AUTO_MIN_SEQ`` tokens
