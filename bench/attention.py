@@ -301,7 +301,7 @@ def profile_kinds(compiled, args, calls=2):
     for kind, fn in compiled.items():
         if isinstance(fn, str):
             continue
-        prof = profiling.profile(lambda: fn(*args), calls=calls, hlo_text=fn.as_text())
+        prof = profiling.profile(lambda fn=fn: fn(*args), calls=calls, hlo_text=fn.as_text())
         by_kernel = {}
         for r in prof["rows"]:
             by_kernel[r["kernel"]] = by_kernel.get(r["kernel"], 0.0) + r["total_ms"] / calls
@@ -403,9 +403,9 @@ def main(argv=None):
     p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
     p.add_argument("--min-sample-ms", type=float, default=2.0,
                    help="each timed sample holds back-to-back calls (one sync at its end) lasting at least this "
-                        "long, at most 50 calls; the default 2 ms times a call that long alone, so its host "
-                        "dispatch and sync are in the figure, while a longer sample overlaps them with the "
-                        "previous call's device work")
+                        "long, at most 50 calls; with the default 2 ms a call of 2 ms or more is timed alone, "
+                        "its host dispatch and sync inside the figure, while more calls per sample overlap "
+                        "them with the previous call's device work")
     p.add_argument("--profile", action="store_true", help="also trace 2 calls of each timed Pallas kind and "
                    "store the device time per kernel and per op family (tvm_jax.profiling)")
     p.add_argument("--kinds", default=DEFAULT_KINDS,
@@ -415,6 +415,8 @@ def main(argv=None):
     if not kinds or any(k not in FLOP_FACTOR for k in kinds):
         raise SystemExit(f"--kinds: expected a comma-separated subset of {sorted(FLOP_FACTOR)}, got {args.kinds!r}")
 
+    if not args.min_sample_ms > 0:
+        raise SystemExit(f"--min-sample-ms must be > 0, got {args.min_sample_ms}")
     shapes = parse_shapes(args.shapes)
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"

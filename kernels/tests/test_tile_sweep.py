@@ -145,3 +145,23 @@ def test_attention_bench_profile_records_where_a_call_spends_its_time(tmp_path):
         assert list(by_kernel.values()) == sorted(by_kernel.values(), reverse=True)
         families = prof["ms_per_call_by_family"]
         assert abs(sum(f["ms_per_call"] for f in families.values()) - sum(by_kernel.values())) < 1e-6
+
+
+def test_attention_bench_min_sample_sets_the_calls_per_sample():
+    """time_ms puts back-to-back calls in each sample until it lasts --min-sample-ms, between 1 and
+    50 calls: a tiny minimum times each call alone, a huge one takes the 50 (both independent of
+    how fast this machine is), after one compile call, one warm-up per input set and one probe."""
+    attention = _bench("attention")
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return x
+
+    arg_sets = [(jnp.zeros(2),)] * 3
+    for min_sample_s, per_sample in ((1e-12, 1), (1e3, 50)):
+        calls.clear()
+        assert attention.time_ms(fn, arg_sets, 4, min_sample_s) >= 0
+        assert len(calls) == 1 + len(arg_sets) + 1 + 4 * per_sample
+    with pytest.raises(SystemExit, match="min-sample-ms must be > 0"):
+        attention.main(["--interpret", "--min-sample-ms", "0"])
