@@ -234,6 +234,8 @@
 #                                      # (z54's stopped at its 170 s limit after 15 tests, none failed)
 #   bash bench/gpu_step_session.sh z56 # one GPU: the hd128 call timed alone per sample and 8 back-to-back
 #                                      # (--min-sample-ms 2 / 50), main and the merged dS matmuls, twice
+# z57 (what jvp_bwd_v's dS/dtS stores cost: an experiment that drops them) is on commit 6399486,
+# branch exp-nostore, with its kernel switch; it was not for main.
 # z52's "matmul_all" (the key-block kernel writing P, tP, dS, dtS) is commit e9f478c; z53's
 # "matmul_kv" (the query-block kernel writing them) is commit 9036937. Neither was kept.
 # z46-z48 ran the first forms of that option (AttentionConfig.jvp_dq: "kernel", "matmul" = dq and dtq
