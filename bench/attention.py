@@ -302,11 +302,7 @@ def profile_kinds(compiled, args, calls=2):
         if isinstance(fn, str):
             continue
         prof = profiling.profile(lambda fn=fn: fn(*args), calls=calls, hlo_text=fn.as_text())
-        by_kernel = {}
-        for r in prof["rows"]:
-            by_kernel[r["kernel"]] = by_kernel.get(r["kernel"], 0.0) + r["total_ms"] / calls
-        out[kind] = {"ms_per_call_by_family": prof["summary"],
-                     "by_kernel": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1]))}
+        out[kind] = {"ms_per_call_by_family": prof["summary"], "by_kernel": profiling.per_kernel(prof["rows"], calls)}
         top = ", ".join(f"{k[:40]} {v:.3f}" for k, v in list(out[kind]["by_kernel"].items())[:6])
         print(f"  profile {kind}: {top}", flush=True)
     return out

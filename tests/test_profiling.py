@@ -25,6 +25,11 @@ def test_profile_groups_a_jitted_function_by_family():
     assert sum(v["ms_per_call"] for v in summary.values()) > 0
 
 
+def test_per_kernel_sums_each_kernels_rows_per_call():
+    rows = [dict(kernel="gemm", total_ms=3.0), dict(kernel="fusion", total_ms=1.0), dict(kernel="gemm", total_ms=5.0)]
+    assert list(profiling.per_kernel(rows, calls=2).items()) == [("gemm", 4.0), ("fusion", 0.5)]
+
+
 def test_op_family_rules():
     fam = profiling.op_family
     assert fam("tvm_flash_jvp_fwd", "custom-call.3", "jit(step)/jvp(attention)/pallas_call") == \

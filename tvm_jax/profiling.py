@@ -4,7 +4,7 @@
 :func:`aggregate_trace` of the trace: one row per executed op (the kernel's name, the
 HLO instruction it belongs to and that instruction's JAX name stack from the compiled module's
 metadata) with its count and total device time. :func:`summarise` groups the rows into families
-(:func:`op_family`) in milliseconds per call.
+(:func:`op_family`) in milliseconds per call, :func:`per_kernel` by kernel name.
 
 Name stacks reach the rows only where the trace names the HLO instruction of each kernel: on a
 GPU, run with XLA's command buffers off (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``), else
@@ -133,6 +133,15 @@ def summarise(rows: Iterable[dict[str, Any]], calls: int) -> dict[str, dict[str,
         per[r["family"]] += r["total_ms"] / calls
     total = sum(per.values()) or 1.0
     return {f: {"ms_per_call": ms, "share": ms / total} for f, ms in sorted(per.items(), key=lambda kv: -kv[1])}
+
+
+def per_kernel(rows: Iterable[dict[str, Any]], calls: int) -> dict[str, float]:
+    """kernel name -> ms per call, summed over the rows (HLO instructions) that ran it, largest
+    first."""
+    per: dict[str, float] = collections.defaultdict(float)
+    for r in rows:
+        per[r["kernel"]] += r["total_ms"] / calls
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
 def profile(run: Callable[[], Any], *, calls: int = 2, hlo_text: str = "") -> dict[str, Any]:
