@@ -1247,6 +1247,24 @@ PY
     done
     tar -C /tmp -czf "$OUT/z56.tgz" z56
     for f in $R/log_attention*.txt; do echo "--- $f"; grep "pallas" "$f" | grep -v "^ *1,24" | head -4 | cut -c1-200; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54|z55|z56" >&2; exit 2 ;;
+  z58)
+    R=/tmp/z58; mkdir -p $R
+    log "one GPU: issue 14's rows re-measured on main (attention at the three shapes; the 256px step and sampling), the (1,24,4096,128) call with XLA's command buffers off and on alternating twice (where does the single call's host time go), then the native GPU suite under the suite-wide compilation cache of conftest.py"
+    for run in 1 2; do
+      CUDA_VISIBLE_DEVICES=0 timeout 60 python3 bench/attention.py --no-xla --no-cudnn --kinds jvp_fwd_bwd \
+          --shapes "32,18,256,64;32,18,1024,64;1,24,4096,128" --out "$R/attention_h200_z58_rows_$run.json" > "$R/log_attention_rows_$run.txt" 2>&1
+      CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 45 python3 bench/attention.py --no-xla --no-cudnn \
+          --kinds jvp_fwd_bwd --shapes "1,24,4096,128" --out "$R/attention_h200_z58_no_command_buffers_$run.json" \
+          > "$R/log_attention_no_command_buffers_$run.txt" 2>&1
+    done
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/train_step.py --variants default --sampling \
+        --out "$R/train_step_sampling_h200_z58.json" > "$R/log_train_step.txt" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py tests/test_attention_in_step.py \
+        -p no:cacheprovider > "$R/pytest_gpu_h200_z58_suite_cache.log" 2>&1
+    tar -C /tmp -czf "$OUT/z58.tgz" z58
+    tail -n 3 "$R"/pytest_*.log
+    grep -h "ms/step\|img/s" "$R/log_train_step.txt" | head -6
+    for f in $R/log_attention*.txt; do echo "--- $f"; tail -n 5 "$f" | cut -c1-200; done ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54|z55|z56|z58" >&2; exit 2 ;;
 esac
 log done

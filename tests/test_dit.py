@@ -256,7 +256,10 @@ def test_unrolled_layers_give_the_scans_forward_jvp_loss_and_gradients(remat, sc
     config = DiTConfig.create(None, **PALLAS_TINY, remat=remat, layer_loop="unroll")
     (l_unroll, g_unroll), loss = _jvp_loss_and_grads(config, params, x)
     f_scan, f_unroll = forwards["scan"], forwards["unroll"]
-    np.testing.assert_allclose(f_unroll, f_scan, rtol=1e-6, atol=1e-7)
+    # Equal up to float32 rounding on the output's scale: the two programs fuse differently, so
+    # they can round differently (with conftest.py's loop emitter up to 2.6e-6 where |f| reaches
+    # 6.7, about 5 ulps; a wrong layer or parameter would differ by orders of magnitude more).
+    np.testing.assert_allclose(f_unroll, f_scan, rtol=1e-6, atol=1e-6 * float(jnp.abs(f_scan).max()))
     np.testing.assert_allclose(l_unroll, l_scan, rtol=1e-6)
     assert jax.tree.structure(g_unroll) == jax.tree.structure(g_scan)
     for g, r in zip(jax.tree.leaves(g_unroll), jax.tree.leaves(g_scan)):

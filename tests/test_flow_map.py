@@ -72,7 +72,9 @@ def test_scaled_parameterisation_is_unscaled_with_the_output_times_w():
     # and the scaled map really differs from the unscaled one where w != 1
     f_plain = flow_map(apply, params, x, t, s, labels, beta, scaled=False)
     assert float(jnp.abs(f_plain[0] - f_s[0]).max()) > 1e-4
-    np.testing.assert_allclose(f_plain[1], f_s[1], rtol=1e-6)  # beta = 1: identical
+    # beta = 1: the same map, up to float32 rounding on the output's scale (the JVP program and
+    # the plain one fuse, and so round, differently: 2.4e-7 apart with conftest.py's loop emitter)
+    np.testing.assert_allclose(f_plain[1], f_s[1], rtol=1e-6, atol=1e-6 * float(jnp.abs(f_s[1]).max()))
 
 
 def test_detach_jvp_stops_only_the_jvp_gradient():

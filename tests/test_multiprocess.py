@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tvm_jax import generate
+from cpu_env import cpu_xla_flags
 from tvm_jax.config import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +37,7 @@ def _launch(workdir, num_steps: int, processes: int, devices_per_process: int):
     cache = os.path.join(os.path.dirname(workdir), "jax_cache")  # the four launches compile the same programs
     env = dict(os.environ, NUM_PROCESSES=str(processes), COORDINATOR_PORT=str(_free_port()),
                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
-                         "--xla_backend_optimization_level=0",
+               XLA_FLAGS=cpu_xla_flags(devices_per_process),
                JAX_PLATFORMS="cpu")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.num_steps": num_steps}.items()]

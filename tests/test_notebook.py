@@ -12,6 +12,7 @@ import sys
 import nbformat
 import numpy as np
 import pytest
+from cpu_env import cpu_xla_flags
 from nbclient import NotebookClient
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -71,8 +72,7 @@ def _execute(tmp_path, devices=1, extra_env=None, **params):
     env.update(extra_env or {})
     env.update({
         "JAX_PLATFORMS": "cpu",
-        # compile time dominates on the CPU
-        "XLA_FLAGS": f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": cpu_xla_flags(devices),  # the suite's (compile time dominates on the CPU)
         "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
     })
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=False,
