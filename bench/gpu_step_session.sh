@@ -1265,6 +1265,13 @@ PY
     tail -n 3 "$R"/pytest_*.log
     grep -h "ms/step\|img/s" "$R/log_train_step.txt" | head -6
     for f in $R/log_attention*.txt; do echo "--- $f"; tail -n 5 "$f" | cut -c1-200; done ;;
-  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54|z55|z56|z58" >&2; exit 2 ;;
+  z59)
+    R=/tmp/z59; mkdir -p $R
+    log "one GPU: the native GPU suite (kernels and the step-vs-XLA test) under conftest.py's suite-wide compilation cache and its flag probe"
+    CUDA_VISIBLE_DEVICES=0 timeout 520 python3 -m pytest -q -m gpu kernels/tests/test_gpu.py tests/test_attention_in_step.py \
+        -p no:cacheprovider --durations=15 > "$R/pytest_gpu_h200_z59_suite_cache.log" 2>&1
+    tar -C /tmp -czf "$OUT/z59.tgz" z59
+    tail -n 25 "$R"/pytest_*.log ;;
+  *) echo "usage: $0 h|i|j|k|l|m|n|o|p|r|s|t|u|v|w|x|y|z|z2|z3|z4|z5|z6|z7|z8|z9|z10|z11|z12|z13|z14|z15|z16|z17|z18|z19|z20|z21|z22|z23|z24|z25|z26|z27|z28|z29|z30|z31|z32|z33|z34|z35|z36|z37|z38|z39|z40|z41|z42|z43|z44|z45|z46|z47|z48|z49|z50|z51|z52|z53|z54|z55|z56|z58|z59" >&2; exit 2 ;;
 esac
 log done
