@@ -95,15 +95,16 @@ class TrainResult:
 
 def train(apply, loss_fn, params, *, steps: int, batches: Iterator[dict], opt: OptConfig, ema_decay: float,
           target_decay: float, seed: int, log_every: int = 100, verbose: bool = True,
-          name: str = "") -> TrainResult:
-    """Runs ``steps`` steps of the library's training step (jitted, state donated).
+          name: str = "", compiler_options: dict | None = None) -> TrainResult:
+    """Runs ``steps`` steps of the library's training step (jitted, state donated;
+    ``compiler_options``: XLA options for its compilation, as ``jax.jit`` takes them).
 
     ``batches`` yields ``{"x": (B, ...) float32, "label": (B,) int32}`` numpy or jax arrays, a
     fresh batch per step. The params are copied first (the caller's arrays survive donation).
     """
     optimizer = make_adamw(opt)
     step_fn = jax.jit(make_train_step(apply, loss_fn, optimizer, TrainStepConfig(ema_decay, target_decay)),
-                      donate_argnums=0)
+                      donate_argnums=0, compiler_options=compiler_options)
     state = init_train_state(jax.tree.map(jnp.array, params), optimizer, seed)
     losses: list[tuple[int, float]] = []
     window: list[dict] = []
