@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from tvm_jax import generate
 from cpu_env import cpu_xla_flags
+from tvm_jax import generate
 from tvm_jax.config import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
